@@ -1,0 +1,60 @@
+"""RMSNorm / LayerNorm with a fused residual add, in plain PyTorch (upstream uses Triton).
+
+    s   = x + residual            (or x alone)
+    out = s / sqrt(mean(s^2) + eps) * weight (+ bias)          rms_norm_fn
+    out = (s - mean(s)) / sqrt(var(s) + eps) * weight (+ bias)  layer_norm_fn
+Statistics are computed in float32 (float64 stays float64); `out` has x's dtype. With prenorm
+the sum s is returned too (as the next residual), in float32 when residual_in_fp32.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _add_residual(x, residual, residual_in_fp32):
+    compute = torch.promote_types(x.dtype, torch.float32)
+    s = x.to(compute) if residual is None else x.to(compute) + residual.to(compute)
+    residual_dtype = compute if residual_in_fp32 else x.dtype
+    return s, residual_dtype
+
+
+def _finish(out, s, x, prenorm, residual_dtype):
+    out = out.to(x.dtype)
+    return (out, s.to(residual_dtype)) if prenorm else out
+
+
+def rms_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False):
+    """x, residual: (..., hidden); weight, bias: (hidden,). See the module docstring."""
+    s, residual_dtype = _add_residual(x, residual, residual_in_fp32)
+    out = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * weight.to(s.dtype)
+    if bias is not None:
+        out = out + bias.to(s.dtype)
+    return _finish(out, s, x, prenorm, residual_dtype)
+
+
+def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
+                  is_rms_norm=False):
+    """Like `rms_norm_fn`, with LayerNorm statistics unless is_rms_norm."""
+    if is_rms_norm:
+        return rms_norm_fn(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
+    s, residual_dtype = _add_residual(x, residual, residual_in_fp32)
+    out = F.layer_norm(s, s.shape[-1:], weight.to(s.dtype), None if bias is None else bias.to(s.dtype), eps)
+    return _finish(out, s, x, prenorm, residual_dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim: a `weight` parameter, `bias` registered as None."""
+
+    def __init__(self, hidden_size, eps=1e-5, dropout_p=0.0, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.drop = nn.Dropout(dropout_p) if dropout_p > 0.0 else None
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        if self.drop is not None:
+            x = self.drop(x)
+        return rms_norm_fn(x, self.weight, self.bias, residual=residual, eps=self.eps, prenorm=prenorm,
+                           residual_in_fp32=residual_in_fp32)
