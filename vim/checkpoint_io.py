@@ -1,0 +1,278 @@
+"""Reading and writing Vim checkpoints: the one safe loader every entry point uses.
+
+Accepted files: a released training checkpoint (a dict with 'model', 'model_ema', 'optimizer',
+'lr_scheduler', 'epoch', 'scaler' and 'args' as an argparse.Namespace), a bare state dict, a
+dict with 'state_dict', and the files `save_checkpoint` / scripts/convert_checkpoint.py write
+(which also hold 'model_name' and 'model_args' so the model can be rebuilt from the file alone).
+
+Safety: files are read with torch.load(weights_only=True) (argparse.Namespace allow-listed);
+anything else in the pickle is refused unless the caller explicitly trusts the file.
+Memory: files are memory-mapped, the chosen state dict's tensors become the model's parameters
+(`load_state_dict(assign=True)`) and the model is built on the meta device first, so a 115 MB
+released file costs about its 28 MB of weights in RSS, not its full size.
+"""
+
+import argparse
+import math
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+import torch.nn.functional as F
+
+import models_mamba
+
+_PREFIXES = ("module.", "_orig_mod.")
+_CONTAINER_KEYS = ("model", "model_ema", "state_dict")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def read_checkpoint(path, *, trust_pickle=False):
+    """torch.load the file at `path` on the CPU, memory-mapped when the format allows it."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    mmap = zipfile.is_zipfile(path)  # torch's legacy (non-zip) format cannot be memory-mapped
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{path} holds Python objects beyond tensors and plain data, which could run code when "
+                f"loaded ({reason}). It was not loaded. If you trust where the file came from, pass "
+                f"--trust-checkpoint (trust_pickle=True).") from None
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:
+        raise CheckpointError(f"{path} could not be loaded even as a trusted pickle ({type(err).__name__}: {err})") \
+            from None
+
+
+def _strip_prefixes(state_dict):
+    def strip(key):
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        return key
+
+    return {strip(k): v for k, v in state_dict.items()}
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def extract_state_dict(obj, *, ema=False, source="checkpoint"):
+    """(state_dict, meta) from a loaded checkpoint object; picks 'model' (or 'model_ema')."""
+    meta = {}
+    if isinstance(obj, dict) and any(k in obj for k in _CONTAINER_KEYS):
+        key = "model_ema" if ema else ("model" if "model" in obj else "state_dict")
+        if key not in obj or not _is_state_dict(obj[key]):
+            what = "EMA weights ('model_ema')" if ema else "model weights ('model' or 'state_dict')"
+            raise CheckpointError(f"{source} has no {what}; it holds: {', '.join(map(str, obj))}")
+        state_dict = obj[key]
+        args = obj.get("args")
+        meta = {
+            "epoch": obj.get("epoch"),
+            "model_name": obj.get("model_name") or getattr(args, "model", None),
+            "model_args": obj.get("model_args"),
+            "input_size": getattr(args, "input_size", None),
+        }
+    elif _is_state_dict(obj):
+        if ema:
+            raise CheckpointError(f"{source} is a bare state dict: it has no EMA weights")
+        state_dict = obj
+    else:
+        raise CheckpointError(f"{source} does not contain a model state dict")
+    return _strip_prefixes(state_dict), meta
+
+
+def read_state_dict(path, *, ema=False, trust_pickle=False):
+    """(state_dict, meta) of the file at `path`; meta has epoch, model_name, model_args, input_size."""
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    state_dict, meta = extract_state_dict(obj, ema=ema, source=os.fspath(path))
+    del obj  # keep only the chosen state dict (the rest of the file stays unmapped)
+    return state_dict, meta
+
+
+def infer_architecture(state_dict, img_size=224):
+    """What the state dict says about the model: embed_dim, depth, patch_size, stride, num_classes."""
+    try:
+        proj = state_dict["patch_embed.proj.weight"]  # (E, C, patch, patch)
+    except KeyError:
+        raise CheckpointError("the state dict has no 'patch_embed.proj.weight': it is not a Vim checkpoint") from None
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("layers.")})
+    head = state_dict.get("head.weight")
+    arch = {"embed_dim": proj.shape[0], "channels": proj.shape[1], "patch_size": proj.shape[-1], "depth": depth,
+            "num_classes": head.shape[0] if head is not None else 0}
+    if "pos_embed" in state_dict:
+        n_cls = 2 if "cls_token_head" in state_dict else int("cls_token" in state_dict)
+        grid = math.isqrt(state_dict["pos_embed"].shape[1] - n_cls)
+        if grid > 1 and (img_size - arch["patch_size"]) % (grid - 1) == 0:
+            arch["stride"] = (img_size - arch["patch_size"]) // (grid - 1)
+        arch["grid"] = grid
+    return arch
+
+
+def fitting_models(arch):
+    """Registered names whose architecture matches `arch` (at 224 pixels)."""
+    return [name for name in models_mamba.list_models()
+            if all(models_mamba.model_architecture(name).get(k) == arch.get(k) for k in ("embed_dim", "depth",
+                                                                                       "patch_size", "stride"))]
+
+
+def _describe_mismatch(model, state_dict, limit=8):
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def resample_pos_embed(pos_embed, old_positions, new_grid, new_positions):
+    """Resample a (1, old_tokens, E) position embedding to a new patch grid: the patch rows are
+    interpolated bicubically as a 2-D grid, the cls-token rows are kept and re-inserted at
+    `new_positions`. Returns (1, new_grid^2 + len(new_positions), E)."""
+    n_tokens, dim = pos_embed.shape[1], pos_embed.shape[2]
+    keep = [i for i in range(n_tokens) if i not in old_positions]
+    old_grid = math.isqrt(len(keep))
+    patches = pos_embed[0, keep].float().reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    rows = list(patches.permute(0, 2, 3, 1).reshape(new_grid * new_grid, dim).to(pos_embed.dtype).unbind(0))
+    for position, old in sorted(zip(new_positions, old_positions)):
+        rows.insert(position, pos_embed[0, old])
+    return torch.stack(rows).unsqueeze(0)
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """Adapt a state dict to `model`: resample pos_embed to the model's patch grid; float16/bfloat16
+    weights (a --half file) become float32. Returns a new dict."""
+    out = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v)
+           for k, v in state_dict.items()}
+    pos = out.get("pos_embed")
+    if pos is not None and hasattr(model, "pos_embed") and pos.shape != model.pos_embed.shape:
+        n_cls = model.num_tokens
+        old_patches = pos.shape[1] - n_cls
+        if math.isqrt(old_patches) ** 2 != old_patches or pos.shape[2] != model.pos_embed.shape[2]:
+            return out  # not a square grid we can resample: let the strict check report it
+        out["pos_embed"] = resample_pos_embed(pos, model.cls_positions(old_patches), model.patch_embed.grid_size[0],
+                                              model.cls_positions(model.patch_embed.num_patches))
+    return out
+
+
+def load_into(model, state_dict, *, source="checkpoint", fitting=()):
+    """Strictly load `state_dict` into `model` (tensors are assigned, not copied). On any
+    mismatch raise one CheckpointError listing missing/unexpected keys and shapes."""
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    problems = _describe_mismatch(model, state_dict)
+    if problems:
+        name = getattr(model, "model_name", type(model).__name__)
+        hint = f" The checkpoint fits: {', '.join(fitting)}." if fitting else ""
+        raise CheckpointError(f"{source} does not match model {name}: {problems}.{hint}")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+def load_model(checkpoint_path, model_name=None, *, ema=False, trust_pickle=False, input_size=None, **model_kwargs):
+    """Build a Vim model for the checkpoint at `checkpoint_path` and load it strictly, in eval mode.
+
+    model_name: a registered name or alias; None means the name stored in the file or the
+        registered architecture that fits the weights.
+    ema: use the 'model_ema' weights of a training checkpoint.
+    trust_pickle: allow arbitrary pickled objects (only for files from a trusted source).
+    input_size: image side to run at; when it differs from the checkpoint's, pos_embed is
+        resampled (fewer tokens is faster, at some accuracy cost).
+    model_kwargs: further architecture overrides.
+    Returns (model, info) with info: model, checkpoint, num_classes, input_size, epoch, ema.
+    """
+    source = os.fspath(checkpoint_path)
+    state_dict, meta = read_state_dict(checkpoint_path, ema=ema, trust_pickle=trust_pickle)
+    stored_args = dict(meta.get("model_args") or {})
+    trained_size = stored_args.get("img_size") or meta.get("input_size") or 224
+    arch = infer_architecture(state_dict, img_size=trained_size)
+    fitting = [meta["model_name"]] if meta.get("model_name") and models_mamba.is_model(meta["model_name"]) \
+        else fitting_models(arch)
+    if model_name is None:
+        if not fitting:
+            raise CheckpointError(f"cannot tell which model {source} is for (embed_dim {arch['embed_dim']}, depth "
+                                  f"{arch['depth']}); pass --model with one of: {', '.join(models_mamba.list_models())}")
+        model_name = fitting[0]
+    try:
+        name = models_mamba.resolve_model_name(model_name)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    if fitting and models_mamba.is_model(fitting[0]) and models_mamba.resolve_model_name(fitting[0]) != name:
+        stored_args = {}  # the stored overrides describe another model
+    kwargs = {**stored_args, "num_classes": arch["num_classes"], **model_kwargs}
+    kwargs["img_size"] = input_size or kwargs.get("img_size") or trained_size
+    with torch.device("meta"):
+        model = models_mamba.create_model(name, **kwargs)
+    load_into(model, state_dict, source=source, fitting=[f for f in fitting if f != name])
+    model.model_overrides = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
+    model.eval()
+    info = {"model": name, "checkpoint": source, "num_classes": arch["num_classes"], "input_size": kwargs["img_size"],
+            "trained_input_size": trained_size, "epoch": meta.get("epoch"), "ema": ema}
+    return model, info
+
+
+def model_record(model):
+    """'model_name' and 'model_args' entries that let `load_model` rebuild `model` from a file."""
+    return {"model_name": getattr(model, "model_name", None), "model_args": dict(getattr(model, "model_overrides", {}))}
+
+
+def _atomic_save(obj, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, model, *, optimizer=None, lr_scheduler=None, epoch=None, model_ema=None, scaler=None,
+                    args=None):
+    """Write the released training-checkpoint layout ('model', 'optimizer', 'lr_scheduler',
+    'epoch', 'scaler', 'args', and 'model_ema' when given) plus 'model_name'/'model_args';
+    written to a temporary file and renamed, so a crash never leaves a half file."""
+    ckpt = {"model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+            "epoch": epoch,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "args": args if args is not None else argparse.Namespace(model=getattr(model, "model_name", None)),
+            **model_record(model)}
+    if model_ema is not None:
+        ckpt["model_ema"] = model_ema.state_dict()
+    _atomic_save(ckpt, path)
+
+
+def save_weights(path, state_dict, *, model_name=None, model_args=None, half=False):
+    """Write a compact weights-only file ('model', 'model_name', 'model_args'); with half, floating
+    tensors are stored as float16 (the loader turns them back into float32)."""
+    if half:
+        state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+    else:
+        state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+    _atomic_save({"model": state_dict, "model_name": model_name, "model_args": dict(model_args or {})}, path)
