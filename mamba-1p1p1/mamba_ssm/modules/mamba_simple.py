@@ -187,8 +187,10 @@ class Mamba(nn.Module):
     def _constants_key(self):
         modules = (self.conv1d, self.conv1d_b, self.x_proj, self.x_proj_b, self.dt_proj, self.dt_proj_b)
         params = [p for m in modules for p in m.parameters()] + [self.A_log, self.A_b_log, self.D, self.D_b]
-        # module ids catch Linear layers swapped in place (e.g. by quantize_dynamic(inplace=True))
-        return tuple(id(m) for m in modules) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        # module ids catch Linear layers swapped in place (e.g. by quantize_dynamic(inplace=True));
+        # inference tensors (parameters created under inference_mode) have no version counter
+        return tuple(id(m) for m in modules) + tuple(
+            (p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype) for p in params)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -325,7 +327,7 @@ class Block(nn.Module):
             residual = hidden_states if residual is None else residual + self.drop_path(hidden_states)
             hidden_states = self.norm(residual.to(dtype=self.norm.weight.dtype))
             if self.residual_in_fp32:
-                residual = residual.to(torch.float32)
+                residual = _fp32(residual)
         else:
             norm_fn = rms_norm_fn if isinstance(self.norm, RMSNorm) else layer_norm_fn
             hidden_states, residual = norm_fn(

@@ -1,0 +1,56 @@
+"""Write a compact, weights-only copy of a Vim checkpoint.
+
+    python scripts/convert_checkpoint.py IN OUT [--ema] [--half] [--model NAME] [--trust-checkpoint]
+
+A released training checkpoint (~115 MB for Vim-Tiny: weights, EMA weights, optimizer state)
+becomes a file with only the chosen weights (~28 MB, ~14 MB with --half) plus the model name, so
+a Pi with little memory loads it quickly. vim/infer_rpi.py and vim/main.py read it like any
+checkpoint; with --half the weights are stored as float16 and turned back into float32 on load.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vim"))
+
+import checkpoint_io  # noqa: E402
+import models_mamba  # noqa: E402
+
+
+def _mb(path):
+    return os.path.getsize(path) / 2**20
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("input", metavar="IN", help="checkpoint to read (.pth)")
+    parser.add_argument("output", metavar="OUT", help="compact checkpoint to write")
+    parser.add_argument("--ema", action="store_true", help="keep the EMA weights ('model_ema') instead of 'model'")
+    parser.add_argument("--half", action="store_true", help="store floating-point weights as float16")
+    parser.add_argument("--model", metavar="NAME", help="model name to record (default: stored or inferred)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow arbitrary pickled objects in IN (only for files you trust)")
+    args = parser.parse_args(argv)
+    try:
+        state_dict, meta = checkpoint_io.read_state_dict(args.input, ema=args.ema, trust_pickle=args.trust_checkpoint)
+        name = args.model or meta.get("model_name")
+        if name is None:
+            fitting = checkpoint_io.fitting_models(checkpoint_io.infer_architecture(state_dict))
+            name = fitting[0] if fitting else None
+        if name is not None:
+            name = models_mamba.resolve_model_name(name)
+        checkpoint_io.save_weights(args.output, state_dict, model_name=name, model_args=meta.get("model_args"),
+                                   half=args.half)
+    except (checkpoint_io.CheckpointError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.input}: {_mb(args.input):.1f} MB -> {args.output}: {_mb(args.output):.1f} MB "
+          f"({len(state_dict)} tensors, model {name or 'unknown'}{', float16' if args.half else ''}"
+          f"{', EMA weights' if args.ema else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

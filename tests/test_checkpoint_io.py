@@ -1,0 +1,240 @@
+"""The one checkpoint loader: layouts, safety, strictness, resampling, compact copies."""
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint_io
+import models_mamba
+import quantization
+from checkpoint_io import CheckpointError
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = dict(depth=2, embed_dim=32, img_size=64, num_classes=10)
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return models_mamba.create_model("vim_tiny", **{**SMALL, **kwargs}).eval()
+
+
+def _logits(model, size=64, seed=123):
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        return model(torch.randn(2, 3, size, size))
+
+
+def _training_layout(model, ema_model):
+    """What hustvl/Vim's main.py saves: weights, EMA, optimizer, scheduler, epoch, scaler, args."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "model_ema": ema_model.state_dict(), "optimizer": opt.state_dict(),
+            "lr_scheduler": {"last_epoch": 3, "base_lrs": [1e-3]}, "epoch": 3, "scaler": None,
+            "args": argparse.Namespace(model="vim_tiny", input_size=64, lr=1e-3, data_path="/data", smoothing=0.1)}
+
+
+@pytest.mark.parametrize("layout", ["training", "bare", "state_dict", "module_prefix"])
+def test_round_trip_every_layout(tmp_path, layout):
+    model, ema = _model(0), _model(1)
+    expected = _logits(model)
+    obj = {"training": lambda: _training_layout(model, ema),
+           "bare": lambda: model.state_dict(),
+           "state_dict": lambda: {"state_dict": model.state_dict()},
+           "module_prefix": lambda: {"model": {"module." + k: v for k, v in model.state_dict().items()}}}[layout]()
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    loaded, info = checkpoint_io.load_model(path, "vim_tiny", depth=2, embed_dim=32, img_size=64)
+    assert not loaded.training and info["num_classes"] == 10
+    expected = _logits(model) if layout == "training" else expected  # training layout took one step
+    torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)
+
+
+def test_ema_weights_on_request(tmp_path):
+    model, ema = _model(0), _model(1)
+    path = tmp_path / "train.pth"
+    checkpoint_io.save_checkpoint(path, model, epoch=5, model_ema=ema, args=argparse.Namespace(model="vim_tiny"))
+    plain, info = checkpoint_io.load_model(path)  # name and overrides come from the file
+    ema_loaded, _ = checkpoint_io.load_model(path, ema=True)
+    assert info["epoch"] == 5 and info["model"] == models_mamba.resolve_model_name("vim_tiny")
+    assert torch.equal(_logits(plain), _logits(model))
+    assert torch.equal(_logits(ema_loaded), _logits(ema))
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(CheckpointError, match="EMA"):
+        checkpoint_io.load_model(tmp_path / "bare.pth", "vim_tiny", ema=True, **SMALL)
+
+
+def _mapped_file(address):
+    """The file behind the memory mapping holding `address` (Linux), or None."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_weights_are_memory_mapped_not_copied(tmp_path):
+    path = tmp_path / "m.pth"
+    checkpoint_io.save_checkpoint(path, _model())
+    loaded, _ = checkpoint_io.load_model(path)
+    assert {_mapped_file(p.data_ptr()) for p in loaded.parameters()} == {str(path)}
+
+
+class _WritesAFile:
+    """Unpickling this calls Path.write_text: the kind of code a hostile checkpoint runs."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.target), "pwned"))
+
+
+def test_pickled_code_is_refused_unless_trusted(tmp_path):
+    target = tmp_path / "written_by_unpickling.txt"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _model().state_dict(), "payload": _WritesAFile(target)}, path)
+    with pytest.raises(CheckpointError, match="trust-checkpoint"):
+        checkpoint_io.load_model(path, "vim_tiny", **SMALL)
+    assert not target.exists()
+    checkpoint_io.load_model(path, "vim_tiny", trust_pickle=True, **SMALL)  # explicit opt-in only
+    assert target.read_text() == "pwned"
+
+
+def test_wrong_model_names_the_fitting_one(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save({"model": _model().state_dict()}, path)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint_io.load_model(path, "vim_tiny", depth=3, embed_dim=32, img_size=64)
+    assert "missing keys" in str(err.value) and "layers.2." in str(err.value)
+    with pytest.raises(CheckpointError, match="unknown model"):
+        checkpoint_io.load_model(path, "vim_nano", **SMALL)
+
+
+def test_released_vim_tiny_layout_loads_and_classifies(tmp_path):
+    """Full-size Vim-Tiny in hustvl's layout (no model name stored): the name is inferred."""
+    torch.manual_seed(0)
+    model = models_mamba.create_model("vim_tiny").eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "vim_t_midclstok_76p1acc.pth"
+    torch.save({"model": state, "model_ema": state, "optimizer": {"state": {}, "param_groups": []},
+                "lr_scheduler": {}, "epoch": 299, "scaler": {"scale": 1.0},
+                "args": argparse.Namespace(model=None, input_size=224, lr=5e-4)}, path)
+    loaded, info = checkpoint_io.load_model(path)
+    assert info["model"].startswith("vim_tiny_patch16_224") and info["epoch"] == 299
+    with pytest.raises(CheckpointError, match="vim_tiny_patch16_224"):
+        checkpoint_io.load_model(path, "vim_small")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_strict_mismatch_lists_keys_in_one_message(tmp_path):
+    state = _model().state_dict()
+    state.pop("norm_f.weight")
+    state["layers.0.norm.bias"] = torch.zeros(32)  # what a LayerNorm port would add
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint_io.load_model(path, "vim_tiny", **SMALL)
+    message = str(err.value)
+    assert "norm_f.weight" in message and "layers.0.norm.bias" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("content", [None, "dir", b"not a checkpoint at all", b"PK\x03\x04 truncated zip"])
+def test_unreadable_files(tmp_path, content):
+    path = tmp_path / "x.pth"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=str(path)):
+        checkpoint_io.load_model(path, "vim_tiny")
+
+
+def test_resample_pos_embed_keeps_cls_row_and_is_identity_on_same_grid():
+    model = _model()
+    pos = model.pos_embed.detach()  # 4x4 grid, cls at index 8
+    same = checkpoint_io.resample_pos_embed(pos, [8], 4, [8])
+    torch.testing.assert_close(same, pos, rtol=0, atol=1e-6)
+    smaller = checkpoint_io.resample_pos_embed(pos, [8], 3, [4])
+    assert smaller.shape == (1, 10, 32)
+    assert torch.equal(smaller[0, 4], pos[0, 8])
+    # a constant grid stays constant under bicubic resampling
+    flat = torch.ones(1, 17, 2)
+    assert torch.allclose(checkpoint_io.resample_pos_embed(flat, [8], 5, [12]), torch.ones(1, 26, 2))
+
+
+def test_input_size_resampling(tmp_path):
+    torch.manual_seed(0)
+    model = models_mamba.create_model("vim_tiny", depth=1, embed_dim=32).eval()  # a 224 model
+    path = tmp_path / "m224.pth"
+    checkpoint_io.save_checkpoint(path, model)
+    same, info = checkpoint_io.load_model(path, input_size=224)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(same(x), model(x))
+    small, info = checkpoint_io.load_model(path, input_size=160)
+    assert info["input_size"] == 160 and small.pos_embed.shape == (1, 101, 32)
+    with torch.inference_mode():
+        assert small(torch.randn(1, 3, 160, 160)).shape == (1, 1000)
+
+
+def _convert(*args):
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "scripts" / "convert_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = script.main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_convert_checkpoint_compact_and_half(tmp_path):
+    model, ema = _model(0), _model(1)
+    src = tmp_path / "train.pth"
+    torch.save(_training_layout(model, ema), src)
+    out, half, ema_out = tmp_path / "w.pth", tmp_path / "w16.pth", tmp_path / "ema.pth"
+    for args in ((src, out, "--model", "vim_tiny"), (src, half, "--half", "--model", "vim_tiny"),
+                 (src, ema_out, "--ema", "--model", "vim_tiny")):
+        result = _convert(*args)
+        assert result.returncode == 0, result.stderr
+        assert "MB ->" in result.stdout
+    assert os.path.getsize(out) < os.path.getsize(src) and os.path.getsize(half) < 0.6 * os.path.getsize(out)
+    loaded, _ = checkpoint_io.load_model(out, "vim_tiny", **SMALL)
+    reference = {k: v for k, v in model.state_dict().items()}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in reference.items())
+    loaded16, _ = checkpoint_io.load_model(half, "vim_tiny", **SMALL)
+    assert all(loaded16.state_dict()[k].dtype == torch.float32 for k in reference)
+    assert all(torch.equal(loaded16.state_dict()[k], v.half().float()) for k, v in reference.items())
+    loaded_ema, _ = checkpoint_io.load_model(ema_out, "vim_tiny", **SMALL)
+    assert torch.equal(_logits(loaded_ema), _logits(ema))
+    failed = _convert(tmp_path / "missing.pth", tmp_path / "o.pth")
+    assert failed.returncode == 1 and "not found" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_dynamic_int8_runs_and_stays_close():
+    torch.manual_seed(0)
+    model = models_mamba.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64, num_classes=10).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        quantized = quantization.quantize_model(model, "dynamic-int8")
+        got = quantized(x)
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    assert any(type(m) is torch.nn.Linear for m in model.modules())  # the input is left alone
+    # int8 weights and activations: a few percent of drift on random weights, same ranking
+    assert ((got - ref).norm() / ref.norm()).item() < 0.15
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert quantization.quantize_model(model, "none") is model
+    with pytest.raises(ValueError, match="dynamic-int8"):
+        quantization.quantize_model(model, "int4")

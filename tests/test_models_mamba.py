@@ -1,0 +1,173 @@
+"""VisionMamba against an independent float64 forward; names, keys, registry, options."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import models_mamba
+from vim_reference import vim_forward
+
+TINY_NAME = "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
+
+
+def _small(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = models_mamba.create_model("vim_tiny", **kwargs).double().eval()
+    with torch.no_grad():  # make every parameter matter (default init leaves biases/D at constants)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("kwargs,img", [
+    (dict(depth=2, embed_dim=32, img_size=64), 64),  # patch 16 -> 4x4 grid, 17 tokens
+    (dict(depth=3, embed_dim=48, img_size=64, stride=8), 64),  # stride 8 -> 7x7 grid, 50 tokens
+    (dict(depth=2, embed_dim=32, img_size=48, num_classes=7), 48),
+])
+def test_forward_matches_float64_formula(kwargs, img):
+    model = _small(**kwargs)
+    x = torch.randn(2, 3, img, img, dtype=torch.float64)
+    expected = vim_forward(model.state_dict(), x, patch=16, stride=kwargs.get("stride", 16))
+    with torch.inference_mode():
+        got = model(x)
+    assert got.shape == expected.shape
+    assert _rel_err(got, expected) < 1e-10
+    with torch.no_grad():  # the same without inference mode, and the features path
+        assert _rel_err(model(x), expected) < 1e-10
+        feats = model(x, return_features=True)
+    assert feats.shape == (2, kwargs["embed_dim"])
+    assert _rel_err(model.head(feats), expected) < 1e-10
+
+
+def test_head_cls_token_matches_formula():
+    model = _small(depth=2, embed_dim=32, img_size=64, use_middle_cls_token=False)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        got = model(x)
+    assert _rel_err(got, vim_forward(model.state_dict(), x, 16, 16, cls="head")) < 1e-10
+
+
+def test_float32_training_mode_backward_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = models_mamba.create_model("vim_tiny", depth=2, embed_dim=32, img_size=32, num_classes=5)
+    model.train()
+    loss = model(torch.randn(3, 3, 32, 32)).logsumexp(-1).sum()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "_b" in n)
+
+
+def test_eval_output_follows_new_weights():
+    a, b = _small(0, depth=2, embed_dim=32, img_size=32), _small(1, depth=2, embed_dim=32, img_size=32)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        a(x)  # fills the eval-mode constant caches
+    a.load_state_dict(b.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(a(x), b(x))
+
+
+def _expected_tiny_shapes():
+    shapes = {"cls_token": (1, 1, 192), "pos_embed": (1, 197, 192), "patch_embed.proj.weight": (192, 3, 16, 16),
+              "patch_embed.proj.bias": (192,), "head.weight": (1000, 192), "head.bias": (1000,),
+              "norm_f.weight": (192,)}
+    per_layer = {"A_log": (384, 16), "D": (384,), "A_b_log": (384, 16), "D_b": (384,), "in_proj.weight": (768, 192),
+                 "out_proj.weight": (192, 384)}
+    for suffix in ("", "_b"):
+        per_layer.update({f"conv1d{suffix}.weight": (384, 1, 4), f"conv1d{suffix}.bias": (384,),
+                          f"x_proj{suffix}.weight": (44, 384), f"dt_proj{suffix}.weight": (384, 12),
+                          f"dt_proj{suffix}.bias": (384,)})
+    for i in range(24):
+        shapes.update({f"layers.{i}.mixer.{k}": v for k, v in per_layer.items()})
+        shapes[f"layers.{i}.norm.weight"] = (192,)
+    return shapes
+
+
+def test_vim_tiny_state_dict_matches_released_layout():
+    with torch.device("meta"):
+        model = models_mamba.create_model(TINY_NAME)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = _expected_tiny_shapes()
+    assert len(expected) == 415
+    assert got == expected
+    assert sum(p.numel() for p in model.parameters()) == 7_148_008
+
+
+def test_registry_names_aliases_and_errors():
+    names = models_mamba.list_models()
+    assert len(names) == 5 and TINY_NAME in names
+    for alias, embed, stride in (("vim_tiny", 192, 16), ("vim_tiny_stride8", 192, 8), ("vim_small", 384, 16),
+                                 ("vim_small_stride8", 384, 8), ("vim_base", 768, 16)):
+        arch = models_mamba.model_architecture(alias)
+        assert (arch["embed_dim"], arch["stride"], arch["depth"]) == (embed, stride, 24)
+        assert models_mamba.is_model(alias)
+        # each long name is also a module-level function, like upstream
+        assert callable(getattr(models_mamba, models_mamba.resolve_model_name(alias)))
+    with pytest.raises(ValueError, match="vim_tiny"):
+        models_mamba.create_model("vim_tiny_typo")
+    assert models_mamba.pretrained_cfg("vim_tiny")["url"].endswith("vim_t_midclstok_76p1acc.pth")
+    assert models_mamba.pretrained_cfg("vim_base")["url"] is None  # no placeholder URLs
+
+
+def test_unknown_kwargs_are_named_and_ablations_rejected():
+    with pytest.warns(UserWarning, match="drop_block_rate"):
+        models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32, drop_block_rate=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # None-valued extras (upstream main.py passes them) are fine
+        models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32, drop_block_rate=None,
+                                  pretrained_cfg=None)
+    for bad in (dict(if_rope=True), dict(flip_img_sequences_ratio=0.5)):
+        with pytest.raises(NotImplementedError):
+            models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32, **bad)
+    model = models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32)
+    with pytest.raises(ValueError, match="32"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(NotImplementedError):
+        model(torch.randn(1, 3, 32, 32), if_random_token_rank=True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(use_double_cls_token=True),
+    dict(if_cls_token=False, final_pool_type="mean"),
+    dict(if_cls_token=False, final_pool_type="max"),
+    dict(if_bidirectional=True, depth=2),
+    dict(fused_add_norm=False),
+    dict(rms_norm=False, fused_add_norm=False),
+    dict(init_layer_scale=0.5),
+])
+def test_ablation_options_run(kwargs):
+    args = dict(depth=1, embed_dim=16, img_size=32, num_classes=3)
+    model = models_mamba.create_model("vim_tiny", **{**args, **kwargs}).eval()
+    with torch.inference_mode():
+        y = model(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 3) and torch.isfinite(y).all()
+
+
+def test_unfused_norm_path_equals_fused():
+    fused = _small(depth=2, embed_dim=32, img_size=32)
+    unfused = models_mamba.create_model("vim_tiny", depth=2, embed_dim=32, img_size=32, fused_add_norm=False)
+    unfused = unfused.double().eval()
+    unfused.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel_err(unfused(x), fused(x)) < 1e-12
+
+
+def test_import_needs_neither_timm_nor_torchvision(tmp_path):
+    code = ("import sys, models_mamba, checkpoint_io, quantization; "
+            "bad = [m for m in ('timm', 'torchvision', 'triton') if m in sys.modules and sys.modules[m] is not None "
+            "and getattr(sys.modules[m], '__file__', None)]; print(bad)")
+    env_path = str(models_mamba.__file__).rsplit("/", 1)[0]
+    blocker = tmp_path / "sitecustomize.py"  # make timm/torchvision unimportable, as on a bare Pi
+    blocker.write_text("import sys\nfor m in ('timm', 'torchvision'):\n    sys.modules[m] = None\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": f"{tmp_path}:{env_path}", "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[]"
