@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One-command set-up on a fresh 64-bit Raspberry Pi OS (or any Linux CPU machine):
+#   bash scripts/setup_rpi.sh [--minimal]
+# Creates .venv in the repository, installs CPU-only PyTorch from PyTorch's CPU wheel index, the
+# other dependencies, both kernel packages (editable), and runs a smoke test.
+# --minimal skips the optional torchvision and timm.
+# Overrides (environment):
+#   TORCH_VERSION        [2.9.1]   torch version (2.10.0 crashes at import on a Pi 4)
+#   TORCHVISION_VERSION  [0.24.1]  must match TORCH_VERSION
+#   TORCH_INDEX_URL      [https://download.pytorch.org/whl/cpu]  empty: use pip's default index
+#   PYTHON               [python3]
+#   VENV                 [.venv]
+set -euo pipefail
+
+TORCH_VERSION=${TORCH_VERSION:-2.9.1}
+TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.24.1}
+TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+MIN_FREE_MB=2000
+EXTRAS=1
+
+for arg in "$@"; do
+  case "$arg" in
+    --minimal) EXTRAS=0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "setup_rpi.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+die() { echo "setup_rpi.sh: $*" >&2; exit 1; }
+cd "$(dirname "$0")/.."
+
+arch=$(uname -m)
+case "$arch" in
+  aarch64|arm64) ;;
+  armv7l|armv6l|armhf)
+    die "this is a 32-bit OS ($arch). PyTorch publishes no 32-bit ARM wheels: install the 64-bit
+Raspberry Pi OS (Raspberry Pi Imager: 'Raspberry Pi OS (64-bit)') on a Pi 3, 4 or 5 and run this again." ;;
+  x86_64) echo "note: $arch machine, not a Pi; installing the same CPU-only stack" ;;
+  *) die "unsupported machine type $arch (need 64-bit ARM or x86-64)" ;;
+esac
+
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found: sudo apt install python3 python3-venv"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
+  || die "Python >= 3.9 needed, found $("$PYTHON" -V 2>&1)"
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || die "Python's venv module is missing: sudo apt install python3-venv"
+
+free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
+[ "$free_mb" -ge "$MIN_FREE_MB" ] || die "only ${free_mb} MB free here; PyTorch needs about ${MIN_FREE_MB} MB"
+
+echo "== creating $VENV"
+"$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+
+echo "== installing torch $TORCH_VERSION${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+index=()
+[ -z "$TORCH_INDEX_URL" ] || index=(--index-url "$TORCH_INDEX_URL")
+torch_pkgs=("torch==$TORCH_VERSION")
+[ "$EXTRAS" = 0 ] || torch_pkgs+=("torchvision==$TORCHVISION_VERSION")
+"${pip[@]}" "${index[@]}" "${torch_pkgs[@]}"
+
+echo "== installing the other dependencies"
+"${pip[@]}" "einops>=0.6" "numpy>=1.22" "pillow>=9.1"
+[ "$EXTRAS" = 0 ] || "${pip[@]}" "timm>=0.9"
+"${pip[@]}" -e causal-conv1d -e mamba-1p1p1
+
+echo "== smoke test"
+"$VENV/bin/python" - <<'PY'
+import sys
+sys.path.insert(0, "vim")
+import torch
+import mamba_ssm
+import models_mamba
+
+model = models_mamba.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64).eval()
+with torch.inference_mode():
+    logits = model(torch.randn(1, 3, 64, 64))
+assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+print(f"ok: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+      f"backend {mamba_ssm.backend_report(logits)}")
+PY
+echo
+echo "Done. Classify an image (downloads the Vim-Tiny weights, ~115 MB, on first use):"
+echo "  $VENV/bin/python vim/infer_rpi.py path/to/image.jpg"
