@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 
@@ -44,11 +45,15 @@ def read_checkpoint(path, *, trust_pickle=False):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a refused object: the file itself is broken
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (the pickle stream is "
+                                  f"damaged or not a checkpoint)") from None
         if not trust_pickle:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            found = re.search(r"GLOBAL (\S+)", str(err))
             raise CheckpointError(
-                f"{path} holds Python objects beyond tensors and plain data, which could run code when "
-                f"loaded ({reason}). It was not loaded. If you trust where the file came from, pass "
+                f"{path} holds Python objects beyond tensors and plain data (it refers to "
+                f"{found.group(1) if found else 'an unknown global'}), which could run code when loaded. It was not "
+                f"loaded. If you trust where the file came from, pass "
                 f"--trust-checkpoint (trust_pickle=True).") from None
     except Exception as err:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "

@@ -235,6 +235,8 @@ class VisionMamba(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(segm_init_weights)
+        if hasattr(self, "model_overrides"):  # what save_checkpoint records to rebuild the model
+            self.model_overrides["num_classes"] = num_classes
 
     def cls_positions(self, num_patches):
         """Indices of the cls token(s) in the token sequence built from num_patches patches."""

@@ -192,6 +192,12 @@ class Mamba(nn.Module):
         return tuple(id(m) for m in modules) + tuple(
             (p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype) for p in params)
 
+    def train(self, mode=True):
+        # Writes through `.data` bypass the version counters the cache key reads; switching
+        # mode (model.eval()) is the documented way to refresh after them.
+        self._constants = None
+        return super().train(mode)
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_constants"] = None  # closures over cached tensors: rebuilt on the next forward
@@ -227,7 +233,9 @@ class Mamba(nn.Module):
             conv_bias=conv_bias,  # (2, 1, d_inner)
             x_proj=projection(self.x_proj, self.x_proj_b),
             dt_proj=projection(self.dt_proj, self.dt_proj_b),
-            A=-torch.exp(_fp32(stack(self.A_log, self.A_b_log))).unsqueeze(1),  # (2, 1, d_inner, n)
+            # (2, 1, d_inner, n), stored (n, d_inner)-contiguous: the scan works on A transposed
+            A=-torch.exp(_fp32(stack(self.A_log, self.A_b_log))).transpose(1, 2).contiguous().unsqueeze(1)
+            .transpose(-1, -2),
             D=_fp32(stack(self.D, self.D_b)).unsqueeze(1),  # (2, 1, d_inner)
         )
 

@@ -4,7 +4,8 @@
     out = s / sqrt(mean(s^2) + eps) * weight (+ bias)          rms_norm_fn
     out = (s - mean(s)) / sqrt(var(s) + eps) * weight (+ bias)  layer_norm_fn
 Statistics are computed in float32 (float64 stays float64); `out` has x's dtype. With prenorm
-the sum s is returned too (as the next residual), in float32 when residual_in_fp32.
+the sum s is returned too (as the next residual): in the incoming residual's dtype, or for
+the first block in float32 when residual_in_fp32 (else x's dtype).
 """
 
 import torch
@@ -13,10 +14,12 @@ import torch.nn.functional as F
 
 
 def _add_residual(x, residual, residual_in_fp32):
+    """s = x + residual in float32 (or float64), and the dtype s is returned in: an incoming
+    residual keeps its dtype; the first one is float32 when residual_in_fp32, else x's dtype."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    s = x.to(compute) if residual is None else x.to(compute) + residual.to(compute)
-    residual_dtype = compute if residual_in_fp32 else x.dtype
-    return s, residual_dtype
+    if residual is not None:
+        return x.to(compute) + residual.to(compute), residual.dtype
+    return x.to(compute), compute if residual_in_fp32 else x.dtype
 
 
 def _finish(out, s, x, prenorm, residual_dtype):
