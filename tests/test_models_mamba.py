@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -171,3 +172,20 @@ def test_import_needs_neither_timm_nor_torchvision(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": f"{tmp_path}:{env_path}", "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]"
+
+
+def test_register_with_timm_uses_timms_registry(monkeypatch):
+    """timm cannot import on the x86 CI machine: a stand-in with timm's two functions."""
+    registered = {}
+    fake_models = types.ModuleType("timm.models")
+    fake_models.is_model = lambda name: name in registered
+    fake_models.register_model = lambda fn: registered.setdefault(fn.__name__, fn)
+    fake_timm = types.ModuleType("timm")
+    fake_timm.models = fake_models
+    monkeypatch.setitem(sys.modules, "timm", fake_timm)
+    monkeypatch.setitem(sys.modules, "timm.models", fake_models)
+    assert models_mamba.register_with_timm() == 5
+    assert models_mamba.register_with_timm() == 0  # no duplicates
+    assert sorted(registered) == models_mamba.list_models()
+    model = registered[TINY_NAME](pretrained=False, depth=1, embed_dim=16, img_size=32)
+    assert model.model_name == TINY_NAME

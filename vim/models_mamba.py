@@ -7,7 +7,8 @@ strictly), forward and registered model names.
 
 Changes from upstream, on purpose:
   - no timm or torchvision needed: our own registry (`create_model`, `list_models`,
-    `is_model`); the same names are also registered with timm when it imports;
+    `is_model`); the same names are registered with timm when timm was imported first, or by
+    `register_with_timm()`;
   - RMSNorm stays RMSNorm on every machine (pure-PyTorch `mamba_ssm.ops.triton.layer_norm`);
   - the final norm runs only on the token(s) that are read out (it is per token, so the result
     is the same);
@@ -20,6 +21,7 @@ Glossary: B batch, M tokens, E embed_dim, grid = (img - patch) // stride + 1 per
 
 import difflib
 import math
+import sys
 import warnings
 from functools import partial
 
@@ -30,7 +32,7 @@ from mamba_ssm.modules.mamba_simple import Block, DropPath, Mamba
 from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn, rms_norm_fn
 
 __all__ = ["VisionMamba", "PatchEmbed", "create_model", "list_models", "is_model", "resolve_model_name",
-           "pretrained_cfg", "register_model"]
+           "pretrained_cfg", "register_model", "register_with_timm"]
 
 
 def _pair(x):
@@ -467,15 +469,21 @@ def create_model(name, pretrained=False, **kwargs):
     return _model_entrypoints[resolve_model_name(name)](pretrained=pretrained, **kwargs)
 
 
-def _register_with_timm():
+def register_with_timm():
+    """Register every name with timm, so `timm.create_model(name)` works; returns how many were
+    new. Importing this module does it by itself when timm is already imported; timm is never
+    imported just for this (it pulls in torchvision: seconds of start-up on a Pi)."""
+    from timm.models import is_model as timm_is_model
+    from timm.models import register_model as timm_register_model
+
+    new = [fn for fn in _model_entrypoints.values() if not timm_is_model(fn.__name__)]
+    for fn in new:
+        timm_register_model(fn)
+    return len(new)
+
+
+if "timm" in sys.modules:
     try:
-        from timm.models import register_model as timm_register_model
-        from timm.models import is_model as timm_is_model
-    except Exception:  # timm is optional; a torchvision mismatch makes it raise RuntimeError on import
-        return
-    for fn in list(_model_entrypoints.values()):
-        if not timm_is_model(fn.__name__):
-            timm_register_model(fn)
-
-
-_register_with_timm()
+        register_with_timm()
+    except Exception:  # a broken timm (e.g. a torchvision/torch mismatch raises RuntimeError)
+        pass
