@@ -90,9 +90,10 @@ def _init_weights(module, n_layer, initializer_range=0.02, rescale_prenorm_resid
     if rescale_prenorm_residual:
         for name, p in module.named_parameters():
             if name in ("out_proj.weight", "fc2.weight"):
-                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-                with torch.no_grad():
-                    p /= math.sqrt(n_residuals_per_layer * n_layer)
+                # kaiming_uniform_(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)), then / sqrt(n_residuals * n_layer),
+                # drawn in one go (an in-place division would need elementwise ops on the meta device)
+                bound = 1.0 / math.sqrt(p.shape[1] * n_residuals_per_layer * n_layer)
+                nn.init.uniform_(p, -bound, bound)
 
 
 def _lecun_normal_(tensor):

@@ -25,6 +25,8 @@ def quantize_model(model, mode):
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
-        # torch.ao.quantization announces its move to torchao on every call; the API still works
+        # torch.ao.quantization announces its move to torchao on every call, and quantized tensor
+        # creation its own deprecation; the API still works in every torch this project supports
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)

@@ -1,0 +1,180 @@
+"""Turn a checkpoint argument (local path or http(s) URL) into a local file.
+
+URLs are downloaded once into a cache directory (`$VIM_RPI_CACHE`, else `~/.cache/vim-rpi`) and
+reused from there without touching the network. A download is written to a temporary file in the
+cache directory and renamed into place only when every byte announced by Content-Length has
+arrived, so an interrupted download never leaves a file that looks complete.
+
+Standard library only (urllib): no `requests` on the Pi.
+"""
+
+import http.client
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+__all__ = ["DEFAULT_CHECKPOINT_URL", "DownloadError", "default_cache_dir", "resolve_checkpoint"]
+
+# Released Vim-Tiny weights (76.1 % top-1), see the reference doc section 5.
+DEFAULT_CHECKPOINT_URL = (
+    "https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/vim_t_midclstok_76p1acc.pth"
+)
+CACHE_ENV = "VIM_RPI_CACHE"
+_TIMEOUT_S = 30.0  # per connect / per read, not for the whole file: a slow Pi link is fine
+_CHUNK_BYTES = 1 << 20
+_PROGRESS_EVERY_S = 0.25
+
+
+class DownloadError(Exception):
+    """A checkpoint could not be found or fetched; the message is meant for the user."""
+
+
+def default_cache_dir() -> Path:
+    """`$VIM_RPI_CACHE` when set and non-empty, else `~/.cache/vim-rpi`."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vim-rpi"
+
+
+def resolve_checkpoint(spec=None, *, cache_dir=None, progress=True) -> Path:
+    """Return a local checkpoint file for `spec`.
+
+    Args:
+        spec: a local path, an http(s) URL, or None for DEFAULT_CHECKPOINT_URL.
+        cache_dir: where URLs are cached; default `default_cache_dir()`.
+        progress: draw a progress bar on stderr while downloading.
+    Raises:
+        DownloadError: the path does not exist or is not a file, or the download failed.
+    """
+    spec = DEFAULT_CHECKPOINT_URL if spec is None else os.fspath(spec)
+    if urllib.parse.urlsplit(spec).scheme.lower() in ("http", "https"):
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        return _cached_download(spec, cache, progress)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DownloadError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise DownloadError(f"checkpoint is not a file: {path}")
+    return path
+
+
+def _cached_download(url: str, cache: Path, progress: bool) -> Path:
+    name = os.path.basename(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+    if name in ("", ".", ".."):
+        raise DownloadError(f"cannot derive a file name from the checkpoint URL {url}")
+    dest = cache / name
+    if not dest.is_file():
+        _download(url, dest, progress)
+    return dest
+
+
+def _download(url: str, dest: Path, progress: bool):
+    """Fetch `url` into `dest` through a temporary file renamed only once complete."""
+    request = urllib.request.Request(url, headers={"User-Agent": "vim-rpi"})
+    try:
+        response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+    except OSError as e:  # URLError (DNS, refused, unreachable), timeout, reset before a reply
+        raise DownloadError(_offline_message(url, getattr(e, "reason", e))) from e
+    with response:
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        except OSError as e:
+            raise DownloadError(
+                f"cannot write to the checkpoint cache {dest.parent} ({e.strerror or e}); "
+                f"set {CACHE_ENV} to a writable directory"
+            ) from e
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _copy(response, out, url, dest.name if progress else None)
+            os.replace(tmp, dest)
+        except OSError as e:  # read errors are DownloadErrors already, so this is the disk
+            Path(tmp).unlink(missing_ok=True)
+            raise DownloadError(f"cannot write the checkpoint to {dest.parent}: {e.strerror or e}") from e
+        except BaseException:
+            # Also on Ctrl-C: a half file must not survive.
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _copy(response, out, url: str, progress_name):
+    """Stream the body into `out`, checking it against Content-Length when the server sent one."""
+    total = _content_length(response)
+    bar = _ProgressBar(progress_name, total) if progress_name else None
+    received = 0
+    try:
+        while True:
+            try:
+                chunk = response.read(_CHUNK_BYTES)
+            except (OSError, http.client.HTTPException) as e:  # reset, timeout, bad chunking
+                raise DownloadError(
+                    f"download of {url} was interrupted after {received} bytes ({e}); "
+                    "run again to retry"
+                ) from e
+            if not chunk:
+                break
+            out.write(chunk)
+            received += len(chunk)
+            if bar:
+                bar.update(received)
+    finally:
+        if bar:  # end the bar's line, so an error message starts on a line of its own
+            bar.close(received)
+    # http.client returns b"" instead of raising when the peer closes early, so count bytes.
+    if total is not None and received != total:
+        raise DownloadError(
+            f"download of {url} was cut off after {received} of {total} bytes; run again to retry"
+        )
+
+
+def _content_length(response):
+    value = response.headers.get("Content-Length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _offline_message(url: str, reason) -> str:
+    return (
+        f"download of {url} failed ({reason}): this machine seems to be offline; "
+        "copy the checkpoint here by other means and pass --checkpoint PATH"
+    )
+
+
+class _ProgressBar:
+    """One self-rewriting line on stderr: name, percent, MB done / total, speed."""
+
+    def __init__(self, name: str, total):
+        self.name, self.total = name, total
+        self.start = self.last = time.monotonic()
+        self._draw(0)
+
+    def update(self, received: int):
+        now = time.monotonic()
+        if now - self.last >= _PROGRESS_EVERY_S:
+            self.last = now
+            self._draw(received)
+
+    def close(self, received: int):
+        self._draw(received)
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def _draw(self, received: int):
+        mb = received / 1e6
+        speed = mb / max(time.monotonic() - self.start, 1e-6)
+        if self.total:
+            done = received / self.total
+            bar = "#" * int(30 * done)
+            text = f"{done:4.0%} [{bar:<30}] {mb:.1f}/{self.total / 1e6:.1f} MB"
+        else:
+            text = f"{mb:.1f} MB"
+        sys.stderr.write(f"\rdownloading {self.name}: {text} {speed:.1f} MB/s ")
+        sys.stderr.flush()
