@@ -24,6 +24,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "vim" / "main.py"
 SIZE = 32  # model input side: 4 patches of 16 px, so a forward costs milliseconds
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _run(args, timeout=120, torchrun=False):
     """Run main.py (optionally under torchrun with 2 processes); returns (code, stdout, stderr)."""
@@ -82,16 +84,6 @@ def _check(stats, per_sample):
     assert stats["correct5"] == sum(r[1] for r in per_sample)
     assert stats["loss"] == pytest.approx(sum(r[2] for r in per_sample) / len(per_sample), rel=1e-5)
     assert stats["acc1"] == pytest.approx(100.0 * stats["correct1"] / stats["count"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and far faster than two on a busy 2-core machine.
-    (main.main(--threads 1) sets the same; the count is restored for the tests after these.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

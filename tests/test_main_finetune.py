@@ -28,6 +28,8 @@ COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 TRAIN_ARGS = ["--epochs", "4", "--batch-size", "8", "--lr", "1e-2", "--warmup-epochs", "1",
               "--drop-path", "0", "--weight-decay", "0.01", "--threads", "1", "-q"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _square(rng, colour, side=36):
     """A coloured square at a random place on a noisy grey background: (side, side, 3) uint8."""
@@ -45,16 +47,6 @@ def _make_dataset(root, n_train, n_val, seed=0):
             (root / split / name).mkdir(parents=True)
             for i in range(count):
                 Image.fromarray(_square(rng, colour)).save(root / split / name / f"{i}.png")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and far faster than two on a busy 2-core machine.
-    (main.main(--threads 1) sets the same; the count is restored for the tests after these.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
