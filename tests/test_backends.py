@@ -297,8 +297,9 @@ def test_use_backend_cuda_with_extension(doubles, clean, package):
 
 def test_backend_report(doubles, clean):
     x = torch.randn(2, 4, 6)
+    clean.setenv("SELECTIVE_SCAN_CPU_BACKEND", "torch")
     assert mamba_ssm.backend_report(fake_cuda(x)) == {
-        "selective_scan": "cuda", "causal_conv1d": "cuda",
+        "selective_scan": "cuda", "causal_conv1d": "cuda", "cpu_scan_kernel": "torch",
         "selective_scan_cuda_importable": True, "causal_conv1d_cuda_importable": True}
     clean.setenv(SCAN_ENV, "1")
     report = mamba_ssm.backend_report(x)

@@ -64,7 +64,17 @@ def tune_malloc() -> bool:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (what ps and top call MB)."""
+    """Peak resident set size of this process so far, in MiB (what ps and top call MB).
+
+    Linux: VmHWM from /proc/self/status, because ru_maxrss of a process started by a large
+    parent can start at the parent's size. Elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is KiB on Linux and bytes on macOS.
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

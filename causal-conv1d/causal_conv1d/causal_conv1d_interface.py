@@ -119,11 +119,14 @@ def conv_taps(x, weight, bias, prefix=0, seq_idx=None):
     x (..., d, prefix + l): the last l columns are the sequence, the first `prefix` are history.
     weight (..., d, w), bias (..., d) or None, seq_idx (b, l) or None (only with prefix 0).
     Returns (..., d, l) laid out like x (a channel-last x gives a channel-last output).
+    Fastest with a channel-last x and weight stored as (..., w, d): every op then runs along
+    contiguous channels.
     """
     w = weight.shape[-1]
     l = x.shape[-1] - prefix
-    last = weight[..., w - 1:]
-    out = torch.addcmul(bias[..., None], x[..., prefix:], last) if bias is not None else x[..., prefix:] * last
+    taps = weight.split(1, dim=-1)  # w x (..., d, 1), the last one multiplies the newest input
+    seq = x[..., prefix:] if prefix else x
+    out = torch.addcmul(bias.unsqueeze(-1), seq, taps[-1]) if bias is not None else seq * taps[-1]
     for shift in range(1, w):
         start = max(0, shift - prefix)
         if start >= l:
@@ -131,7 +134,7 @@ def conv_taps(x, weight, bias, prefix=0, seq_idx=None):
         src = x[..., prefix + start - shift:prefix + l - shift]
         if seq_idx is not None:
             src = src * (seq_idx[:, start:] == seq_idx[:, :l - shift])[:, None, :].to(src.dtype)
-        out[..., start:].addcmul_(src, weight[..., w - 1 - shift:w - shift])
+        out[..., start:].addcmul_(src, taps[w - 1 - shift])
     return out
 
 

@@ -54,10 +54,11 @@ def _stacked_linear(weight, bias):
     """Apply two Linear layers stacked on dim 0: weight (2, out, in), bias (2, out) or None;
     maps x (2, ..., in) -> (2, ..., out) with one batched matmul."""
     weight_t = weight.transpose(1, 2)
+    bias = None if bias is None else bias.unsqueeze(1)  # (2, 1, out)
 
     def apply(x):
         flat = x.reshape(2, -1, x.shape[-1])
-        y = torch.bmm(flat, weight_t) if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, weight_t)
+        y = torch.bmm(flat, weight_t) if bias is None else torch.baddbmm(bias, flat, weight_t)
         return y.view(*x.shape[:-1], -1)
 
     return apply
@@ -99,7 +100,7 @@ class Mamba(nn.Module):
         self.activation = "silu"
         self._constants = None  # (key, namespace) cached for eval-mode inference
         if init_layer_scale is not None:
-            self.gamma = nn.Parameter(init_layer_scale * torch.ones(d_model, **factory_kwargs))
+            self.gamma = nn.Parameter(torch.full((d_model,), init_layer_scale, **factory_kwargs))
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
         self.conv1d, self.x_proj, self.dt_proj = self._direction_layers(conv_bias, dt_init, dt_scale, dt_min,
@@ -125,7 +126,9 @@ class Mamba(nn.Module):
             nn.init.constant_(dt_proj.weight, std)
         else:
             nn.init.uniform_(dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min))
+        # init values are computed on the CPU and copied in: on the meta device (how checkpoints
+        # are loaded) elementwise ops would import torch._dynamo, ~75 MB and a second at start-up
+        dt = torch.exp(torch.rand(self.d_inner, device="cpu") * (math.log(dt_max) - math.log(dt_min))
                        + math.log(dt_min)).clamp(min=dt_init_floor)
         with torch.no_grad():
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
@@ -134,8 +137,10 @@ class Mamba(nn.Module):
 
     def _a_log(self, device):
         # S4D-real init, A = -(1..n) per channel; kept in float32
-        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
-        param = nn.Parameter(torch.log(A))
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device="cpu").repeat(self.d_inner, 1)
+        param = nn.Parameter(torch.empty(self.d_inner, self.d_state, device=device))
+        with torch.no_grad():
+            param.copy_(torch.log(A))
         param._no_weight_decay = True
         return param
 
@@ -229,7 +234,8 @@ class Mamba(nn.Module):
             return _paired_modules(forward_module, backward_module)
 
         return SimpleNamespace(
-            conv_weight=stack(*(c.weight.squeeze(1) for c in convs)).unsqueeze(1),  # (2, 1, d_inner, w)
+            # (2, 1, d_inner, w), stored (w, d_inner)-contiguous: each conv tap runs along channels
+            conv_weight=stack(*(c.weight.squeeze(1).t() for c in convs)).unsqueeze(1).transpose(-1, -2),
             conv_bias=conv_bias,  # (2, 1, d_inner)
             x_proj=projection(self.x_proj, self.x_proj_b),
             dt_proj=projection(self.dt_proj, self.dt_proj_b),

@@ -8,6 +8,7 @@ follow causal_conv1d's own switch.
 
 import causal_conv1d
 from causal_conv1d.backends import BackendSwitch
+from mamba_ssm.ops.selective_scan_fast import cpu_backend
 
 switch = BackendSwitch(force_env="SELECTIVE_SCAN_FORCE_FALLBACK", extension="selective_scan_cuda")
 
@@ -27,6 +28,7 @@ def backend_report(x):
     return {
         "selective_scan": switch.which(x),
         "causal_conv1d": causal_conv1d.which_backend(x),
+        "cpu_scan_kernel": cpu_backend(),  # SELECTIVE_SCAN_CPU_BACKEND: "torch" or "numba"
         "selective_scan_cuda_importable": switch.extension() is not None,
         "causal_conv1d_cuda_importable": causal_conv1d.causal_conv1d_interface.switch.extension() is not None,
     }

@@ -9,48 +9,52 @@ Here the two directions are stacked on a leading axis of size 2, so every op (co
 projections, the scan's per-step update) runs once for both. The gate is applied once after
 the sum: flip(y_b * silu(flip(z))) = flip(y_b) * silu(z).
 
-Layout: channel-last (b, l, d) as in_proj produces it; the scan runs time-major (l, 2, b, d, n).
+Layout: channel-last (2, b, l, d) up to the projections, as in_proj produces it; the scan
+(`selective_scan_fast.scan_state_nd`: the torch or the numba kernel) takes time-major views
+(l, 2, b, ...), stores its state (n, d) and adds the D skip. Every op dispatched costs several
+microseconds on a Pi, so the code avoids no-op conversions and extra views.
 """
 
 import torch
 import torch.nn.functional as F
 
 from causal_conv1d.causal_conv1d_interface import conv_taps
-from mamba_ssm.ops.selective_scan_fast import scan_time_major, softplus
+from mamba_ssm.ops.selective_scan_fast import scan_state_nd
 
 
-def _silu(t):
-    return F.silu(t, inplace=not (torch.is_grad_enabled() and t.requires_grad))
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _time_major(t):
+    return t.permute(2, 0, 1, 3)  # (2, b, l, k) -> (l, 2, b, k)
 
 
 def bimamba_v2_fast(xz, conv_weight, conv_bias, x_proj, dt_proj, A, D, dt_rank, if_divide_out):
     """Both directions of a v2 mixer, before out_proj.
 
     xz: (b, l, 2d) = [x, z] on the last dim
-    conv_weight: (2, 1, d, w); conv_bias: (2, 1, d) or None
+    conv_weight: (2, 1, d, w) (fastest stored as (2, 1, w, d), i.e. each tap contiguous in d);
+    conv_bias: (2, 1, d) or None
     x_proj: callable (2, b, l, d) -> (2, b, l, r + 2n)
     dt_proj: callable (2, b, l, r) -> (2, b, l, d), bias included (it is upstream's delta_bias)
-    A: (2, 1, d, n) (already -exp(A_log)); D: (2, 1, d)
+    A: (2, 1, d, n) (already -exp(A_log); fastest stored as (2, 1, n, d)); D: (2, 1, d)
     Returns y: (b, l, d) in xz's dtype.
     """
-    d = xz.shape[-1] // 2
-    n = A.shape[-1]
-    x, z = xz[..., :d], xz[..., d:]
-    xs = torch.stack((x, x.flip(1)))  # (2, b, l, d)
-    xc = conv_taps(xs.transpose(-1, -2).to(conv_weight.dtype), conv_weight, conv_bias).transpose(-1, -2)
-    xc = _silu(xc)  # (2, b, l, d)
-    x_dbl = x_proj(xc)  # (2, b, l, r + 2n)
-    dt = softplus(dt_proj(x_dbl[..., :dt_rank]).to(A.dtype))  # (2, b, l, d)
-
-    def time_major(t):
-        return t.permute(2, 0, 1, 3)  # (2, b, l, k) -> (l, 2, b, k)
-
-    u = time_major(xc).to(A.dtype)
-    y, _ = scan_time_major(time_major(dt), u, A, time_major(x_dbl[..., dt_rank:dt_rank + n]).to(A.dtype),
-                           time_major(x_dbl[..., dt_rank + n:]).to(A.dtype))  # (l, 2, b, d)
-    y = torch.addcmul(y, u, D) if y.requires_grad else y.addcmul_(u, D)
-    both = y[:, 0] + y[:, 1].flip(0)  # (l, b, d)
-    gate = F.silu(z.to(A.dtype)).transpose(0, 1)
+    dtype = A.dtype
+    inplace = not torch.is_grad_enabled()  # else autograd may need the overwritten values
+    d, n = xz.shape[-1] // 2, A.shape[-1]
+    x, z = xz.split(d, dim=-1)
+    xs = _as(torch.stack((x, x.flip(1))), conv_weight.dtype)  # (2, b, l, d)
+    xc = F.silu(conv_taps(xs.transpose(-1, -2), conv_weight, conv_bias).transpose(-1, -2), inplace=inplace)
+    dt_in, B, C = x_proj(xc).split([dt_rank, n, n], dim=-1)  # (2, b, l, r), (2, b, l, n) x 2
+    dt = F.softplus(_as(dt_proj(dt_in), dtype))  # (2, b, l, d)
+    u = _as(xc, dtype)
+    y, _ = scan_state_nd(_time_major(dt), _time_major(u), A.transpose(-1, -2), _as(_time_major(B), dtype),
+                         _as(_time_major(C), dtype), D)  # (l, 2, b, d), D skip included
+    y_f, y_b = y.unbind(1)  # (l, b, d) each
+    gate = F.silu(_as(z, dtype))  # (b, l, d)
     if if_divide_out:
-        gate = gate * 0.5
-    return (both * gate).transpose(0, 1).to(xz.dtype)
+        gate = gate.mul_(0.5) if inplace else gate * 0.5
+    both = (y_f + y_b.flip(0)).transpose(0, 1)  # (b, l, d)
+    return _as(both.mul_(gate) if inplace else both * gate, xz.dtype)

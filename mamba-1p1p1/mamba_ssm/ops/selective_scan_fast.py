@@ -5,28 +5,47 @@ groups, scan directions...).
 
 The recurrence h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t is inherently sequential, so the
 speed comes from making each of the l steps one cheap op on contiguous memory:
-  - time-major buffers (l, *batch, d, n): step t is one contiguous slab;
-  - exp(dt * A) and dt * B * x are precomputed for a chunk of steps with two big ops, then each
-    step is a single in-place `addcmul_` (h_t += dA_t * h_{t-1});
-  - y_t = sum_n h_t * C_t for the whole chunk is one batched matmul, written as C^T h^T (a
-    1 x n by n x d product per step, which BLAS does ~25% faster than h C);
-  - chunks of at most 512 KB per buffer keep the work in L2 (Pi 4: 1 MB shared) and bound
-    memory for long sequences and big batches (a 1 GB Pi runs stride-8 models); the two
-    buffers are reused across chunks;
-  - softplus as max(log1p(exp(min(x, 20))), x): equal to F.softplus's threshold-20 formula up
-    to float32 rounding, and ~30% faster.
+  - time-major buffers (l, *batch, n, d): step t is one contiguous slab. The state is stored
+    transposed, (n, d) rather than (d, n), so the big broadcasting ops run along d (hundreds of
+    contiguous elements instead of n = 16) and y_t = C_t h_t is a plain 1 x n by n x d product
+    (a batched matmul ~4x faster than the transposed one);
+  - exp(dt * A) and dt * B * x are precomputed for a chunk of steps with three big ops, then
+    each step is a single in-place `addcmul_` (h_t += dA_t * h_{t-1});
+  - chunks of at most CHUNK_BYTES per buffer keep the work in L2 (Pi 4: 1 MB shared) and
+    bound memory for long sequences and big batches (a 1 GB Pi runs stride-8 models);
+  - the buffers, and the per-step views into them, are kept per thread and reused across calls
+    and layers: no per-call page faults, no per-step view ops. Chunks alternate between the two
+    halves of the state buffer, so the state carried into a chunk is never overwritten;
+  - `softplus` (for the generic selective_scan path) is max(log1p(exp(min(x, 20))), x): equal
+    to F.softplus's threshold-20 formula up to float32 rounding, ~10% faster, but four ops.
 Closed forms over chunks (exp(A * (c_t - c_s)) for all pairs) cost l * T * d * n exps and the
 cumsum shortcut overflows in float32, so neither is used.
 
 When autograd needs to see the loop (training), the same math runs out of place.
+
+Inference scans can instead run on the optional numba kernel (`selective_scan_numba`: one fused
+pass, state in registers), chosen per call by SELECTIVE_SCAN_CPU_BACKEND:
+  auto (default, also when unset or empty)  numba when it is installed, else torch
+  torch                                     always this file's kernel
+  numba                                     numba; a RuntimeError when it is not installed
+Calls numba cannot take (autograd, other dtypes or devices, channels not a multiple of 32) use
+the torch kernel whatever the variable says.
 """
 
+import functools
+import importlib.util
 import math
+import os
+import threading
 
 import torch
 import torch.nn.functional as F
 
 CHUNK_BYTES = 512 << 10
+CPU_BACKEND_ENV = "SELECTIVE_SCAN_CPU_BACKEND"
+CPU_BACKENDS = ("auto", "torch", "numba")
+
+_local = threading.local()
 
 
 def _chunk_len(l, step_elems, itemsize):
@@ -41,6 +60,38 @@ def softplus(x):
     return torch.maximum(y, x, out=y)
 
 
+def _broadcast(*shapes):
+    """torch.broadcast_shapes without its import of torch.fx and sympy (~12 MB on first use)."""
+    out = []
+    for dims in zip(*(((1,) * (max(map(len, shapes)) - len(s)) + tuple(s)) for s in shapes)):
+        sizes = set(dims) - {1}
+        if len(sizes) > 1:
+            raise ValueError(f"shapes {', '.join(str(tuple(s)) for s in shapes)} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def numba_installed():
+    """Whether numba can be imported (looked up once, without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def cpu_backend():
+    """The inference scan kernel SELECTIVE_SCAN_CPU_BACKEND selects now: "torch" or "numba"."""
+    value = os.environ.get(CPU_BACKEND_ENV, "").strip().lower() or "auto"
+    if value not in CPU_BACKENDS:
+        raise ValueError(f"{CPU_BACKEND_ENV} must be one of {', '.join(CPU_BACKENDS)}, got {value!r}")
+    if value == "numba" and not numba_installed():
+        raise RuntimeError(f"{CPU_BACKEND_ENV}=numba but numba is not installed: pip install numba, "
+                           f"or set {CPU_BACKEND_ENV}=torch")
+    return "numba" if value == "numba" or (value == "auto" and numba_installed()) else "torch"
+
+
 def scan_time_major(dt, x, A, B, C, h0=None):
     """Selective scan on time-major tensors (all in one floating dtype).
 
@@ -50,16 +101,39 @@ def scan_time_major(dt, x, A, B, C, h0=None):
     h0: (*batch, d, n) or None (zeros)
     Returns y (l, *batch, d) with y_t = sum_n h_t * C_t, and h_l (*batch, d, n).
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (dt, x, A, B, C, h0))
-    if needs_grad:
-        return _scan_autograd(dt, x, A, B, C, h0)
-    return _scan_inplace(dt, x, A, B, C, h0)
+    y, last = scan_state_nd(dt, x, A.transpose(-1, -2), B, C, h0=None if h0 is None else h0.transpose(-1, -2))
+    return y, last.transpose(-1, -2)
 
 
-def _scan_autograd(dt, x, A, B, C, h0):
+def scan_state_nd(dt, x, At, B, C, D=None, h0=None):
+    """Selective scan with the state stored as (n, d), plus the D skip.
+
+    dt, x: (l, *batch, d)  -- dt already biased and softplus-ed
+    At: broadcastable to (*batch, n, d) (A transposed)
+    B, C: (l, *batch, n), batch dims may broadcast
+    D: broadcastable to (*batch, d) or None
+    h0: (*batch, n, d) or None (zeros)
+    Returns y (l, *batch, d) = sum_n C_t h_t + D x_t and h_l (*batch, n, d), fresh tensors.
+    """
+    if _needs_grad(dt, x, At, B, C, D, h0):
+        y, last = _scan_autograd(dt, dt * x, At.transpose(-1, -2), B, C,
+                                 None if h0 is None else h0.transpose(-1, -2))
+        return (y if D is None else torch.addcmul(y, x, D)), last.transpose(-1, -2)
+    if cpu_backend() == "numba":
+        from mamba_ssm.ops import selective_scan_numba  # imports numba (~50 MB): only when used
+
+        batch = dt.shape[1:-1]  # the kernel takes dt's batch dims; others must broadcast to them
+        others = (x.shape[1:-1], At.shape[:-2], B.shape[1:-1], C.shape[1:-1]) + (() if D is None else (D.shape[:-1],))
+        if selective_scan_numba.supports(dt) and all(_broadcast(s, batch) == batch for s in others):
+            return selective_scan_numba.scan_state_nd(dt, x, At, B, C, D, h0)
+    y, last = _scan_inplace(dt, dt * x, At, B, C, h0)
+    return (y if D is None else y.addcmul_(x, D)), last
+
+
+def _scan_autograd(dt, dtx, A, B, C, h0):
+    """Out of place, with the state as (d, n): A (*batch, d, n), h0 (*batch, d, n)."""
     dA = torch.exp(dt.unsqueeze(-1) * A)  # (l, *batch, d, n)
-    dBx = (dt * x).unsqueeze(-1) * B.unsqueeze(-2)  # (l, *batch, d, n)
+    dBx = dtx.unsqueeze(-1) * B.unsqueeze(-2)  # (l, *batch, d, n)
     h = torch.zeros_like(dBx[0]) if h0 is None else h0
     states = []
     for t in range(dt.shape[0]):
@@ -70,27 +144,58 @@ def _scan_autograd(dt, x, A, B, C, h0):
     return y, h
 
 
-def _scan_inplace(dt, x, A, B, C, h0):
-    l = dt.shape[0]
-    state_shape = torch.broadcast_shapes(dt.shape[1:] + (1,), A.shape)  # (*batch, d, n)
-    T = _chunk_len(l, math.prod(state_shape), dt.element_size())
-    dA_buf = dt.new_empty((T,) + state_shape)
-    h_buf = dt.new_empty((T,) + state_shape)
-    y = dt.new_empty(dt.shape)
+class _Workspace:
+    """Reusable chunk buffers for one state shape: dA (T, *state) and h (2T, *state), with the
+    per-step views (`dA_steps`, `h_steps`) and each half of h as matmul rows (`h_rows`)."""
+
+    def __init__(self, key, T, state, dtype, device):
+        self.key = key
+        with torch.inference_mode(False):  # normal tensors: usable both in and out of inference mode
+            self.dA = torch.empty((T,) + state, dtype=dtype, device=device)
+            h = torch.empty((2 * T,) + state, dtype=dtype, device=device)
+            self.dA_steps = self.dA.unbind(0)
+            self.h_steps = h.unbind(0)
+            self.h_halves = h.split(T)
+            self.h_rows = [half.view(-1, *state[-2:]) for half in self.h_halves]
+
+
+def _workspace(T, state, dtype, device):
+    # one workspace per thread (concurrent calls must not share buffers), for the latest shape
+    key = (T, state, dtype, device)
+    ws = getattr(_local, "workspace", None)
+    if ws is None or ws.key != key:
+        _local.workspace = None  # free the old buffers before allocating the new ones
+        ws = _local.workspace = _Workspace(key, T, state, dtype, device)
+    return ws
+
+
+def _scan_inplace(dt, dtx, At, B, C, h0):
+    """The torch kernel of `scan_state_nd` (no autograd, no D); dtx = dt * x."""
+    l, d, n = dt.shape[0], dt.shape[-1], At.shape[-2]
+    batch = _broadcast(dt.shape[1:-1], dtx.shape[1:-1], At.shape[:-2], B.shape[1:-1], C.shape[1:-1])
+    state = batch + (n, d)
+    y = dt.new_empty((l,) + batch + (d,))
+    if l == 0:
+        return y, dt.new_zeros(state) if h0 is None else h0.expand(state).clone()
+    T = _chunk_len(l, math.prod(state), dt.element_size())
+    ws = _workspace(T, state, dt.dtype, dt.device)
+    k = math.prod(batch)
+    # every per-chunk view in one split each: few dispatched ops per chunk
+    chunks = zip(dt.unsqueeze(-2).split(T), dtx.unsqueeze(-2).split(T), B.unsqueeze(-1).split(T),
+                 C.expand((l,) + batch + (n,)).reshape(l * k, 1, n).split(T * k), y.view(l * k, 1, d).split(T * k))
     prev = h0
-    for start in range(0, l, T):
-        stop = min(l, start + T)
-        m = stop - start
-        dA, h = dA_buf[:m], h_buf[:m]
-        torch.mul(dt[start:stop].unsqueeze(-1), A, out=dA)
-        dA.exp_()
-        torch.mul((dt[start:stop] * x[start:stop]).unsqueeze(-1), B[start:stop].unsqueeze(-2), out=h)
-        hs, dAs = h.unbind(0), dA.unbind(0)
+    for i, (dt_c, dtx_c, B_c, C_c, y_c) in enumerate(chunks):
+        m = dt_c.shape[0]
+        dA = ws.dA if m == T else ws.dA[:m]
+        half = ws.h_halves[i % 2] if m == T else ws.h_halves[i % 2][:m]
+        torch.mul(dt_c, At, out=dA).exp_()
+        torch.mul(dtx_c, B_c, out=half)
+        hs = ws.h_steps[(i % 2) * T:(i % 2) * T + m]
         if prev is not None:
-            hs[0].addcmul_(dAs[0], prev)
-        for t in range(1, m):
-            hs[t].addcmul_(dAs[t], hs[t - 1])
-        torch.matmul(C[start:stop].unsqueeze(-2), h.transpose(-1, -2), out=y[start:stop].unsqueeze(-2))
-        # the buffers are overwritten by the next chunk: keep the carried state apart
-        prev = hs[m - 1].clone() if stop < l else hs[m - 1]
-    return y, prev
+            hs[0].addcmul_(ws.dA_steps[0], prev)
+        for h_t, dA_t, h_prev in zip(hs[1:], ws.dA_steps[1:m], hs):
+            h_t.addcmul_(dA_t, h_prev)
+        rows = ws.h_rows[i % 2] if m == T else ws.h_rows[i % 2][:m * k]
+        torch.bmm(C_c, rows, out=y_c)
+        prev = hs[-1]
+    return y, prev.clone()

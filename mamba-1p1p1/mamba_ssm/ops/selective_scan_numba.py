@@ -1,0 +1,150 @@
+"""The optional numba CPU kernel for the inference scan (needs numba; no C compiler).
+
+numba ships wheels with its own LLVM for x86-64 and aarch64, so a Raspberry Pi gets a compiled
+kernel without a compiler. The kernel does the whole selective scan, the D skip included, in one
+pass, keeping each work item's state (n x 32 values) in L1:
+
+    for each (batch row k, block of 32 channels), in parallel:
+        for t in 0..l-1:  h[n, :] = exp(dt_t * A[n, :]) * h[n, :] + dt_t * x_t * B_t[n]
+                          y_t     = sum_n C_t[n] * h[n, :] + D * x_t
+
+so nothing of size l * d * n is ever written to memory (the pure-PyTorch path makes five passes
+over such buffers), and a whole scan is one parallel region instead of hundreds of small ops.
+
+float32 exp(dt A) is computed as 2^(dt A log2 e): 2^k from the exponent bits times a degree-6
+polynomial for 2^r, |r| <= 1/2 (Cephes' exp2f coefficients, about 1 ulp), written so that LLVM
+vectorizes it: numba has no vector math library on these machines and a `math.exp` call keeps
+the loop scalar. Results below 2^-126 give 0 instead of a subnormal (an absolute difference
+below 1.2e-38). float64 uses math.exp.
+
+Compiled code is cached on disk (numba's cache=True: in __pycache__ next to this file, or the
+user's cache directory when that is not writable), so only the first run on a machine compiles
+(a few seconds). Importing numba costs ~50 MB of RSS and the first scan ~50 MB more (LLVM and
+the thread pool), which is why it is optional.
+"""
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+BLOCK = 32  # channels per work item: several independent vectors per step keep the FMA units busy
+LOG2E = 1.4426950408889634
+
+
+@intrinsic
+def _int_bits_as_float32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return types.float32(types.int32), codegen
+
+
+def _exp2(x):
+    return 2.0 ** x
+
+
+@overload(_exp2, inline="always")
+def _exp2_overload(x):
+    if x != types.float32:
+        return lambda x: math.exp(x * 0.6931471805599453)
+
+    def exp2f(x):
+        x = min(max(x, np.float32(-126.0)), np.float32(127.0))
+        k = np.floor(x + np.float32(0.5))  # 2^x = 2^k * 2^r, r in [-1/2, 1/2]
+        r = x - k
+        p = np.float32(1.535336188319500e-4)
+        p = p * r + np.float32(1.339887440266574e-3)
+        p = p * r + np.float32(9.618437357674640e-3)
+        p = p * r + np.float32(5.550332471162809e-2)
+        p = p * r + np.float32(2.402264791363012e-1)
+        p = p * r + np.float32(6.931472028550421e-1)
+        p = p * r + np.float32(1.0)
+        scale = _int_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k
+        return p * scale if x > np.float32(-126.0) else np.float32(0.0)
+
+    return exp2f
+
+
+@numba.njit(parallel=True, cache=True, fastmath={"contract"}, error_model="numpy", boundscheck=False)
+def _scan(dt, x, At, B, C, D, h0, y, h_last):
+    """dt, x, y: (K, l, d);  At, h0, h_last: (K, n, d);  B, C: (K, l, n);  D: (K, d).
+    D and h0 may have 0 rows (no skip / zero initial state). d is a multiple of BLOCK."""
+    K, l, d = dt.shape
+    n = At.shape[1]
+    blocks = d // BLOCK
+    for item in numba.prange(K * blocks):
+        k, j0 = item // blocks, (item % blocks) * BLOCK
+        A = np.empty((n, BLOCK), dt.dtype)
+        h = np.zeros((n, BLOCK), dt.dtype)
+        skip = np.zeros(BLOCK, dt.dtype)
+        for i in range(n):
+            for j in range(BLOCK):
+                A[i, j] = At[k, i, j0 + j] * LOG2E  # exp(dt A) = 2^(dt A log2 e)
+        if h0.shape[0] > 0:
+            for i in range(n):
+                for j in range(BLOCK):
+                    h[i, j] = h0[k, i, j0 + j]
+        if D.shape[0] > 0:
+            for j in range(BLOCK):
+                skip[j] = D[k, j0 + j]
+        step = np.empty(BLOCK, dt.dtype)
+        dtx = np.empty(BLOCK, dt.dtype)
+        acc = np.empty(BLOCK, dt.dtype)
+        for t in range(l):
+            for j in range(BLOCK):
+                step[j] = dt[k, t, j0 + j]
+                dtx[j] = step[j] * x[k, t, j0 + j]
+                acc[j] = skip[j] * x[k, t, j0 + j]
+            for i in range(n):
+                b, c = B[k, t, i], C[k, t, i]
+                for j in range(BLOCK):
+                    state = _exp2(step[j] * A[i, j]) * h[i, j] + dtx[j] * b
+                    h[i, j] = state
+                    acc[j] += state * c
+            for j in range(BLOCK):
+                y[k, t, j0 + j] = acc[j]
+        for i in range(n):
+            for j in range(BLOCK):
+                h_last[k, i, j0 + j] = h[i, j]
+
+
+def supports(dt):
+    """Whether `scan_state_nd` takes a scan with these dt (l, *batch, d): CPU, float32 or
+    float64, d a multiple of BLOCK (32)."""
+    return dt.device.type == "cpu" and dt.dtype in (torch.float32, torch.float64) and dt.shape[-1] % BLOCK == 0
+
+
+def scan_state_nd(dt, x, At, B, C, D=None, h0=None):
+    """Inference scan (no autograd), same contract as `selective_scan_fast.scan_state_nd`.
+
+    dt, x: (l, *batch, d), one dtype that `supports()`;  At: broadcastable to (*batch, n, d)
+    B, C: (l, *batch, n);  D: broadcastable to (*batch, d) or None;  h0: (*batch, n, d) or None
+    Returns y (l, *batch, d) = sum_n C h + D x, a view of a batch-major tensor, and h_l (*batch, n, d).
+    """
+    l, d, n = dt.shape[0], dt.shape[-1], At.shape[-2]
+    batch = dt.shape[1:-1]
+    K = math.prod(batch)
+
+    def rows(t, k):  # (l, *batch, k) -> contiguous (K, l, k): no copy when the memory is batch-major
+        return t.to(dt.dtype).expand((l,) + batch + (k,)).movedim(0, -2).reshape(K, l, k).contiguous().numpy()
+
+    def per_row(t, shape):  # broadcastable to (*batch, *shape) -> contiguous (K, *shape), or 0 rows
+        if t is None:
+            return dt.new_empty((0,) + shape).numpy()
+        return t.to(dt.dtype).expand(batch + shape).reshape((K,) + shape).contiguous().numpy()
+
+    y = dt.new_empty(batch + (l, d))
+    last = dt.new_empty(batch + (n, d))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != threads:
+        # numba's OpenMP layer shares torch's OpenMP runtime and sets its thread count when it
+        # starts its pool: give torch back the count the user chose
+        torch.set_num_threads(threads)
+    _scan(rows(dt, d), rows(x, d), per_row(At, (n, d)), rows(B, n), rows(C, n), per_row(D, (d,)),
+          per_row(h0, (n, d)), y.view(K, l, d).numpy(), last.view(K, n, d).numpy())
+    return y.movedim(-2, 0), last
