@@ -8,8 +8,12 @@ import timm
 import torch
 import torch.nn as nn
 
-import models_mamba  # registers our names with timm, which imports fine here
+import models_mamba
 import quantization
+
+# Importing models_mamba registers with timm only when timm was imported first; another check
+# module of this run may have imported models_mamba earlier, so register explicitly.
+models_mamba.register_with_timm()
 
 SMALL = dict(depth=2, embed_dim=64, img_size=64, num_classes=10)  # a few ms natively, ~1 s emulated
 VIM_TINY = "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
