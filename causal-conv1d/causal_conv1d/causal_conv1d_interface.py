@@ -230,6 +230,14 @@ def _check_update_args(x, conv_state, weight, bias, activation, cache_seqlens):
         raise _shape_error("cache_seqlens", f"(batch,) = ({b},)", cache_seqlens)
 
 
+def _update_output(out, x, activation):
+    """(b, d, l) conv sums -> activation, x's dtype, and x's shape ((b, d) for a single step)."""
+    if activation is not None:
+        out = F.silu(out)
+    out = out.to(x.dtype)
+    return out.squeeze(-1) if x.dim() == 2 else out
+
+
 def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None):
     """Reference decoding step: feed the new inputs one at a time through the state.
 
@@ -239,8 +247,7 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
     Returns the outputs for the new positions, shaped like x, in x's dtype.
     """
     _check_update_args(x, conv_state, weight, bias, activation, cache_seqlens)
-    squeeze = x.dim() == 2
-    xs = x.unsqueeze(-1) if squeeze else x
+    xs = x.unsqueeze(-1) if x.dim() == 2 else x  # (b, d, l)
     b, d, l = xs.shape
     w, s = weight.shape[1], conv_state.shape[2]
     dtype = weight.dtype
@@ -263,19 +270,14 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
         if bias is not None:
             y = y + bias.to(dtype)
         outs.append(y)
-    out = torch.stack(outs, dim=-1)
-    if activation is not None:
-        out = F.silu(out)
-    out = out.to(x.dtype)
-    return out.squeeze(-1) if squeeze else out
+    return _update_output(torch.stack(outs, dim=-1), x, activation)
 
 
 def causal_conv1d_update_fast(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None):
     """Fast decoding step: gather the w-1 previous inputs once, run the shifted multiply-adds on
     [history, x], then write the new inputs into the state. Same contract as the reference."""
     _check_update_args(x, conv_state, weight, bias, activation, cache_seqlens)
-    squeeze = x.dim() == 2
-    xs = x.unsqueeze(-1) if squeeze else x
+    xs = x.unsqueeze(-1) if x.dim() == 2 else x  # (b, d, l)
     b, d, l = xs.shape
     w, s = weight.shape[1], conv_state.shape[2]
     dtype = weight.dtype
@@ -291,11 +293,8 @@ def causal_conv1d_update_fast(x, conv_state, weight, bias=None, activation=None,
         keep = slice(max(0, l - s), l)
         conv_state.scatter_(2, write_idx[:, None, keep].expand(b, d, -1), xs[..., keep].to(conv_state.dtype))
     full = torch.cat([history.to(dtype), xs.to(dtype)], dim=-1)
-    out = conv_taps(full, weight, None if bias is None else bias.to(dtype), prefix=w - 1)
-    if activation is not None:
-        out = F.silu(out)
-    out = out.to(x.dtype)
-    return out.squeeze(-1) if squeeze else out
+    return _update_output(conv_taps(full, weight, None if bias is None else bias.to(dtype), prefix=w - 1), x,
+                          activation)
 
 
 def _causal_conv1d_update_cuda(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None):
