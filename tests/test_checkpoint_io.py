@@ -57,6 +57,16 @@ def test_round_trip_every_layout(tmp_path, layout):
     torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)
 
 
+def test_saved_file_permissions_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        checkpoint_io.save_checkpoint(tmp_path / "m.pth", _model())
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.pth").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]  # no temporary file left
+
+
 def test_ema_weights_on_request(tmp_path):
     model, ema = _model(0), _model(1)
     path = tmp_path / "train.pth"

@@ -302,6 +302,12 @@ def test_usage_errors_exit_2_before_any_work(args, needle, main_in_process):
     assert needle in err.splitlines()[-1]
 
 
+def test_bad_scan_kernel_setting_is_a_usage_error(main_in_process, monkeypatch):
+    monkeypatch.setenv("SELECTIVE_SCAN_CPU_BACKEND", "fast")
+    code, out, err = main_in_process(["x.jpg"])
+    assert code == 2 and out == "" and "SELECTIVE_SCAN_CPU_BACKEND" in err.splitlines()[-1]
+
+
 class _CheckpointServer(http.server.BaseHTTPRequestHandler):
     """Serves `server.body` at any path and counts requests."""
 

@@ -224,3 +224,15 @@ def test_training_bad_inputs(tmp_path, setup, capsys, case, code, message):
     assert status == code
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+def test_resumed_run_keeps_the_earlier_best_accuracy(tmp_path):
+    log = tmp_path / "log.txt"
+    records = [{"epoch": 0, "eval": {"acc1": 40.0}}, {"epoch": 1, "eval": {"acc1": 75.0}},
+               {"epoch": 2, "eval": None}, {"epoch": 3, "eval": {"acc1": 90.0}}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main._previous_best_acc1(tmp_path, start_epoch=3) == 75.0  # epoch 3 is being redone
+    assert main._previous_best_acc1(tmp_path, start_epoch=0) == -1.0
+    assert main._previous_best_acc1(tmp_path / "empty", start_epoch=2) == -1.0
+    assert main._previous_best_acc1(None, start_epoch=2) == -1.0
+

@@ -466,3 +466,12 @@ def test_inner_bad_inputs():
         mamba_inner_fn_no_out_proj(*args[:3], args[3][:9], args[4], p["A"])
     with pytest.raises(ValueError, match=r"delta_proj_weight must have shape \(dim, dt_rank\)"):
         mamba_inner_fn_no_out_proj(*args[:4], args[4][:5], p["A"])
+
+
+@pytest.mark.parametrize("fn", [selective_scan_fn, selective_scan_ref, selective_scan_fast])
+def test_b_and_c_with_different_group_counts_are_refused(fn):
+    u = torch.randn(1, 8, 5)
+    A = -torch.rand(8, 3)
+    with pytest.raises(ValueError, match="same number of groups"):
+        fn(u, u, A, torch.randn(1, 2, 3, 5), torch.randn(1, 4, 3, 5))
+

@@ -250,6 +250,9 @@ def _atomic_save(obj, path):
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved checkpoint reads like any file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -132,6 +132,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tor
             if args.checkpoint is None:
                 parser.error(f"no released weights are known for {args.model}; pass --checkpoint PATH")
     try:
+        runtime.check_scan_kernel_setting()
+    except (ValueError, RuntimeError) as e:
+        parser.error(str(e))
+    try:
         device = torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device: {args.device!r} is not a device name; use cpu")

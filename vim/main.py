@@ -27,7 +27,6 @@ for _variable in ("CAUSAL_CONV1D_FORCE_FALLBACK", "SELECTIVE_SCAN_FORCE_FALLBACK
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import difflib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -184,10 +183,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tor
                         "--drop-path": args.drop_path, "--model-ema-decay": args.model_ema_decay}.items():
         if not 0 <= value < 1:
             parser.error(f"{flag} must be in [0, 1), got {value}")
-    if args.model is not None and not models_mamba.is_model(args.model):
-        close = difflib.get_close_matches(args.model, models_mamba.list_models(include_aliases=True), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see models_mamba.list_models()"
-        parser.error(f"unknown model {args.model!r}{hint}")
+    if args.model is not None:
+        try:
+            models_mamba.resolve_model_name(args.model)
+        except ValueError as e:
+            parser.error(str(e))
+    try:
+        runtime.check_scan_kernel_setting()
+    except (ValueError, RuntimeError) as e:
+        parser.error(str(e))
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -333,8 +337,6 @@ def adapt_head(model, info, num_classes: int, resuming: bool) -> None:
                      "head.* weights are not used)", info["checkpoint"], info["num_classes"],
                      num_classes)
     model.reset_classifier(num_classes)
-    # The record save_checkpoint stores to rebuild the model must describe the new head.
-    model.model_overrides = {**model.model_overrides, "num_classes": num_classes}
 
 
 def restore_training_state(state, optimizer, lr_scheduler, model_ema) -> int:
@@ -422,6 +424,17 @@ def save_epoch(output_dir, run: TrainingRun, epoch: int, record: dict, is_best: 
         log_file.write(json.dumps(record) + "\n")
 
 
+def _previous_best_acc1(output_dir, start_epoch: int) -> float:
+    """Best validation top-1 of the epochs before start_epoch in OUTPUT_DIR/log.txt (-1 if none),
+    so a resumed run does not replace best_checkpoint.pth with a worse model."""
+    log = output_dir / "log.txt" if output_dir is not None else None
+    if start_epoch == 0 or log is None or not log.exists():
+        return -1.0
+    accs = [r["eval"]["acc1"] for r in map(json.loads, log.read_text().splitlines())
+            if r.get("eval") and r["epoch"] < start_epoch]
+    return max(accs, default=-1.0)
+
+
 def train(args, device) -> dict:
     """Fine-tune (or resume, or train from scratch); returns the report dict (see EPILOG)."""
     rank, world = engine.rank_and_world()
@@ -430,7 +443,7 @@ def train(args, device) -> dict:
     if output_dir is not None and rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-    history, best_acc1 = [], -1.0
+    history, best_acc1 = [], _previous_best_acc1(output_dir, run.start_epoch)
     for epoch in range(run.start_epoch, args.epochs):
         # Seeding per epoch makes a resumed run draw what an uninterrupted one would.
         seed_everything(args.seed + rank + epoch * world)

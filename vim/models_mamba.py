@@ -315,7 +315,8 @@ class VisionMamba(nn.Module):
 
     def forward(self, x, return_features=False, inference_params=None, if_random_cls_token_position=False,
                 if_random_token_rank=False):
-        """(B, C, H, W) -> logits (B, num_classes), or the features (B, E) when return_features."""
+        """(B, C, H, W) -> logits (B, num_classes), or the features (B, E) when return_features
+        (per token, (B, M, ...), for final_pool_type 'all' without a cls token)."""
         x = self.forward_features(x, inference_params, if_random_cls_token_position=if_random_cls_token_position,
                                   if_random_token_rank=if_random_token_rank)
         return self.forward_head(x, pre_logits=return_features)

@@ -78,3 +78,12 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def check_scan_kernel_setting() -> str:
+    """The CPU scan kernel SELECTIVE_SCAN_CPU_BACKEND selects; ValueError for an unknown value,
+    RuntimeError for "numba" without numba (so scripts can refuse it before loading a model)."""
+    from mamba_ssm.ops.selective_scan_fast import cpu_backend
+
+    return cpu_backend()
+

@@ -8,9 +8,11 @@ Constructor arguments, parameter names (checkpoint keys) and results are upstrea
   - every path computes what upstream's fused CUDA path computes. Upstream's non-fused path
     (use_fast_path=False) runs only the forward direction of a "v2" mixer, ignoring all _b
     parameters and the /2, so `use_fast_path` is accepted but changes nothing here;
-  - in eval mode without autograd, a "v2" mixer on the "fast" backend runs both directions
-    stacked (`mamba_ssm.ops.bimamba_v2`) and caches its derived constants (A = -exp(A_log),
-    stacked weights) until a parameter changes;
+  - on the "fast" backend a "v2" mixer runs both directions stacked (`mamba_ssm.ops.bimamba_v2`);
+    in eval mode without autograd it also caches its derived constants (A = -exp(A_log), stacked
+    weights) until a parameter changes (in place, replaced, reloaded) or train()/eval() is
+    called; writes through `param.data` are invisible to PyTorch's version counters, so call
+    eval() again after them;
   - Linear layers may be replaced by dynamically quantized ones (they have no `.weight`
     tensor): modules are called, or their weights dequantized, as needed.
 """

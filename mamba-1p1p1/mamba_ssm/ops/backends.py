@@ -1,9 +1,10 @@
 """Backend selection for the selective scan and the fused Mamba paths built on it.
 
 Same rules and names as `causal_conv1d.backends` ("cuda", "fast", "ref"), with the variable
-SELECTIVE_SCAN_FORCE_FALLBACK and upstream's compiled module `selective_scan_cuda`. The
-causal-conv1d calls made inside a Mamba path follow this choice for "ref"; otherwise they
-follow causal_conv1d's own switch.
+SELECTIVE_SCAN_FORCE_FALLBACK and upstream's compiled module `selective_scan_cuda`. This choice
+governs whole Mamba paths: under "ref" their convs use `causal_conv1d_ref`; the stacked v2 path
+("fast") runs its conv taps itself; the upstream compositions ("cuda", and v1/none on "fast")
+call `causal_conv1d_fn`, which follows causal_conv1d's own switch.
 """
 
 import causal_conv1d

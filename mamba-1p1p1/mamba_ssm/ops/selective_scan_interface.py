@@ -44,6 +44,10 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
             continue
         raise _shape_error(name, f"(batch, dstate, seqlen) = ({b}, {n}, {l}) or (batch, groups, dstate, "
                                  f"seqlen) with groups dividing dim={d}", t)
+    groups = {t.shape[1] for t in (B, C) if t.dim() == 4} - {1}
+    if len(groups) > 1:
+        raise ValueError(f"B and C must have the same number of groups (or one of them 1), got "
+                         f"{B.shape[1]} and {C.shape[1]}")
     if D is not None and tuple(D.shape) != (d,):
         raise _shape_error("D", f"(dim,) = ({d},)", D)
     if z is not None and z.shape != u.shape:
