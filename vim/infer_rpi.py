@@ -122,31 +122,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tor
         parser.error(f"--benchmark must be >= 0, got {args.benchmark}")
     if args.input_size is not None and args.input_size < 16:
         parser.error(f"--input-size must be >= 16 pixels, got {args.input_size}")
-    if args.model is not None:
-        try:
-            models_mamba.resolve_model_name(args.model)
-        except ValueError as e:
-            parser.error(str(e))
+    device = runtime.check_common_args(parser, args.model, args.device)
+    if args.model is not None and args.checkpoint is None:
+        args.checkpoint = models_mamba.pretrained_cfg(args.model)["url"]
         if args.checkpoint is None:
-            args.checkpoint = models_mamba.pretrained_cfg(args.model)["url"]
-            if args.checkpoint is None:
-                parser.error(f"no released weights are known for {args.model}; pass --checkpoint PATH")
-    try:
-        runtime.check_scan_kernel_setting()
-    except (ValueError, RuntimeError) as e:
-        parser.error(str(e))
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device: {args.device!r} is not a device name; use cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: CUDA is not available here (CPU-only torch or no GPU); "
-                         "use --device cpu")
-        if args.quantize != "none":
-            parser.error("--quantize dynamic-int8 runs on the CPU only; drop it or use --device cpu")
-    elif device.type != "cpu":
-        parser.error(f"--device {args.device}: only cpu and cuda are supported")
+            parser.error(f"no released weights are known for {args.model}; pass --checkpoint PATH")
+    if device.type == "cuda" and args.quantize != "none":
+        parser.error("--quantize dynamic-int8 runs on the CPU only; drop it or use --device cpu")
     return device
 
 

@@ -183,25 +183,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tor
                         "--drop-path": args.drop_path, "--model-ema-decay": args.model_ema_decay}.items():
         if not 0 <= value < 1:
             parser.error(f"{flag} must be in [0, 1), got {value}")
-    if args.model is not None:
-        try:
-            models_mamba.resolve_model_name(args.model)
-        except ValueError as e:
-            parser.error(str(e))
-    try:
-        runtime.check_scan_kernel_setting()
-    except (ValueError, RuntimeError) as e:
-        parser.error(str(e))
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device: {args.device!r} is not a device name; use cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here (CPU-only torch or no GPU); "
-                     "use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device}: only cpu and cuda are supported")
-    return device
+    return runtime.check_common_args(parser, args.model, args.device)
 
 
 # ---------------------------------------------------------------- shared steps

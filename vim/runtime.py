@@ -80,10 +80,25 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def check_scan_kernel_setting() -> str:
-    """The CPU scan kernel SELECTIVE_SCAN_CPU_BACKEND selects; ValueError for an unknown value,
-    RuntimeError for "numba" without numba (so scripts can refuse it before loading a model)."""
+def check_common_args(parser, model_name, device_name):
+    """The checks infer_rpi.py and main.py share, as usage errors (parser.error, exit 2): the
+    model name, the SELECTIVE_SCAN_CPU_BACKEND setting, and the device (cpu, or cuda when
+    available). Returns the torch.device."""
+    import models_mamba
     from mamba_ssm.ops.selective_scan_fast import cpu_backend
 
-    return cpu_backend()
-
+    try:
+        if model_name is not None:
+            models_mamba.resolve_model_name(model_name)
+        cpu_backend()
+    except (ValueError, RuntimeError) as e:
+        parser.error(str(e))
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        parser.error(f"--device: {device_name!r} is not a device name; use cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here (CPU-only torch or no GPU); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {device_name}: only cpu and cuda are supported")
+    return device
