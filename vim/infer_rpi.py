@@ -99,11 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exact-preprocess", action="store_true",
                         help="decode JPEGs at full size (the official pixels) instead of the "
                              "faster reduced-scale decode")
-    parser.add_argument("--ema", action="store_true",
-                        help="use the checkpoint's model_ema weights instead of model")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow the checkpoint to unpickle arbitrary Python objects; this can "
-                             "run code, so only for files you trust")
+    runtime.add_checkpoint_arguments(parser)
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar or information on stderr (errors still shown)")
     return parser

@@ -102,3 +102,13 @@ def check_common_args(parser, model_name, device_name):
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {device_name}: only cpu and cuda are supported")
     return device
+
+
+def add_checkpoint_arguments(parser):
+    """--ema and --trust-checkpoint, spelled and explained the same in every script."""
+    parser.add_argument("--ema", action="store_true",
+                        help="use the checkpoint's model_ema weights instead of model")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow the checkpoint to unpickle arbitrary Python objects; this can "
+                             "run code, so only for files you trust")
+

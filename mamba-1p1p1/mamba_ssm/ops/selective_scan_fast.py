@@ -16,8 +16,6 @@ speed comes from making each of the l steps one cheap op on contiguous memory:
   - the buffers, and the per-step views into them, are kept per thread and reused across calls
     and layers: no per-call page faults, no per-step view ops. Chunks alternate between the two
     halves of the state buffer, so the state carried into a chunk is never overwritten;
-  - `softplus` (for the generic selective_scan path) is max(log1p(exp(min(x, 20))), x): equal
-    to F.softplus's threshold-20 formula up to float32 rounding, ~10% faster, but four ops.
 Closed forms over chunks (exp(A * (c_t - c_s)) for all pairs) cost l * T * d * n exps and the
 cumsum shortcut overflows in float32, so neither is used.
 
@@ -39,7 +37,6 @@ import os
 import threading
 
 import torch
-import torch.nn.functional as F
 
 CHUNK_BYTES = 512 << 10
 CPU_BACKEND_ENV = "SELECTIVE_SCAN_CPU_BACKEND"
@@ -50,14 +47,6 @@ _local = threading.local()
 
 def _chunk_len(l, step_elems, itemsize):
     return max(1, min(l, CHUNK_BYTES // max(1, step_elems * itemsize)))
-
-
-def softplus(x):
-    """log(1 + exp(x)), returning x itself above 20 like F.softplus (which autograd uses)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return F.softplus(x)
-    y = x.clamp(max=20.0).exp_().log1p_()
-    return torch.maximum(y, x, out=y)
 
 
 def _broadcast(*shapes):
@@ -90,19 +79,6 @@ def cpu_backend():
         raise RuntimeError(f"{CPU_BACKEND_ENV}=numba but numba is not installed: pip install numba, "
                            f"or set {CPU_BACKEND_ENV}=torch")
     return "numba" if value == "numba" or (value == "auto" and numba_installed()) else "torch"
-
-
-def scan_time_major(dt, x, A, B, C, h0=None):
-    """Selective scan on time-major tensors (all in one floating dtype).
-
-    dt, x: (l, *batch, d)  -- dt already biased and softplus-ed
-    A: broadcastable to (*batch, d, n)
-    B, C: (l, *batch, n)
-    h0: (*batch, d, n) or None (zeros)
-    Returns y (l, *batch, d) with y_t = sum_n h_t * C_t, and h_l (*batch, d, n).
-    """
-    y, last = scan_state_nd(dt, x, A.transpose(-1, -2), B, C, h0=None if h0 is None else h0.transpose(-1, -2))
-    return y, last.transpose(-1, -2)
 
 
 def scan_state_nd(dt, x, At, B, C, D=None, h0=None):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
 from mamba_ssm.ops.backends import switch
-from mamba_ssm.ops.selective_scan_fast import scan_time_major, softplus
+from mamba_ssm.ops.selective_scan_fast import scan_state_nd
 
 
 def _shape_error(arg, expected, tensor):
@@ -60,11 +60,11 @@ def _compute_dtype(u):
     return torch.promote_types(u.dtype, torch.float32)
 
 
-def _discretize_dt(delta, delta_bias, delta_softplus, dtype, softplus_fn=F.softplus):
+def _discretize_dt(delta, delta_bias, delta_softplus, dtype):
     dt = delta.to(dtype)
     if delta_bias is not None:
         dt = dt + delta_bias.to(dtype)[:, None]
-    return softplus_fn(dt) if delta_softplus else dt
+    return F.softplus(dt) if delta_softplus else dt
 
 
 def _groups(t):
@@ -110,7 +110,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False):
-    """Fast pure-PyTorch selective scan (see `selective_scan_fast.scan_time_major`).
+    """Fast pure-PyTorch selective scan (see `selective_scan_fast.scan_state_nd`).
 
     Same arguments, shapes and results as `selective_scan_ref`.
     """
@@ -121,18 +121,19 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     g = max(Bg.shape[1], Cg.shape[1])  # B with 1 group broadcasts against C with g groups
     n = A.shape[1]
     uf = u.to(dtype)
-    dt = _discretize_dt(delta, delta_bias, delta_softplus, dtype, softplus)
-    # time-major views: d is split into (g, d/g) so a group's B/C broadcasts over its channels
-    y, last = scan_time_major(
+    dt = _discretize_dt(delta, delta_bias, delta_softplus, dtype)
+    # time-major views: d is split into (g, d/g) so a group's B/C broadcasts over its channels;
+    # the kernel keeps the state as (n, d)
+    y, last = scan_state_nd(
         dt.view(b, g, d // g, l).permute(3, 0, 1, 2),
         uf.view(b, g, d // g, l).permute(3, 0, 1, 2),
-        A.to(dtype).view(g, d // g, n),
+        A.to(dtype).view(g, d // g, n).transpose(-1, -2),
         Bg.to(dtype).permute(3, 0, 1, 2),
         Cg.to(dtype).permute(3, 0, 1, 2),
-    )
+    )  # y (l, b, g, d/g), last (b, g, n, d/g)
     y = y.permute(1, 2, 3, 0).reshape(b, d, l)
     out = _skip_and_gate(y, uf, D, z).to(u.dtype)
-    return (out, last.reshape(b, d, n)) if return_last_state else out
+    return (out, last.transpose(-1, -2).reshape(b, d, n)) if return_last_state else out
 
 
 class _CudaScan(torch.autograd.Function):
