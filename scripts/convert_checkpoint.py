@@ -23,8 +23,21 @@ def _mb(path):
     return os.path.getsize(path) / 2**20
 
 
+def _checked_name(args, name, fitting):
+    """The registered name to record; refused when the weights' architecture is a registered
+    model's and `name` is another one (the file would not load). Custom sizes are not checked:
+    their constructor overrides may only be given when loading."""
+    name = models_mamba.resolve_model_name(name)
+    fits = {models_mamba.resolve_model_name(f) for f in fitting if models_mamba.is_model(f)}
+    if fits and name not in fits:
+        raise ValueError(f"{args.input} holds {' / '.join(sorted(fits))} weights, not {name}")
+    return name
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     epilog="exit status: 0 written, 1 the input cannot be converted or the output "
+                                            "not written (one line on stderr), 2 usage error")
     parser.add_argument("input", metavar="IN", help="checkpoint to read (.pth)")
     parser.add_argument("output", metavar="OUT", help="compact checkpoint to write")
     parser.add_argument("--ema", action="store_true", help="keep the EMA weights ('model_ema') instead of 'model'")
@@ -35,18 +48,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         state_dict, meta = checkpoint_io.read_state_dict(args.input, ema=args.ema, trust_pickle=args.trust_checkpoint)
-        name = args.model or meta.get("model_name")
-        if name is None:
-            fitting = checkpoint_io.fitting_models(checkpoint_io.infer_architecture(state_dict))
-            name = fitting[0] if fitting else None
+        fitting = checkpoint_io.fitting_models(checkpoint_io.infer_architecture(
+            state_dict, img_size=(meta.get("model_args") or {}).get("img_size") or meta.get("input_size") or 224))
+        name = args.model or meta.get("model_name") or (fitting[0] if fitting else None)
         if name is not None:
-            name = models_mamba.resolve_model_name(name)
+            name = _checked_name(args, name, fitting)
+        in_mb = _mb(args.input)  # before writing: OUT may be IN
         checkpoint_io.save_weights(args.output, state_dict, model_name=name, model_args=meta.get("model_args"),
                                    half=args.half)
     except (checkpoint_io.CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"{args.input}: {_mb(args.input):.1f} MB -> {args.output}: {_mb(args.output):.1f} MB "
+    print(f"{args.input}: {in_mb:.1f} MB -> {args.output}: {_mb(args.output):.1f} MB "
           f"({len(state_dict)} tensors, model {name or 'unknown'}{', float16' if args.half else ''}"
           f"{', EMA weights' if args.ema else ''})")
     return 0

@@ -193,6 +193,13 @@ def test_bad_inputs_name_the_argument(impl):
     for bad in ("relu", "gelu", True):
         with pytest.raises(NotImplementedError, match="activation must be None, 'silu' or 'swish'"):
             fn(x, weight, bias, activation=bad)
+    # integer tensors would be truncated silently: refused, naming the argument
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor, got torch.int64"):
+        fn(x, weight.long())
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int32"):
+        fn(x.int(), weight)
+    with pytest.raises(TypeError, match="final_states_out must be a floating-point tensor"):
+        fn(x, weight, bias, return_final_states=True, final_states_out=torch.zeros(2, 4, 3, dtype=torch.long))
 
 
 def test_ref_and_fast_autograd_match_oracle_gradients():
@@ -322,5 +329,7 @@ def test_update_half_and_bad_inputs(impl):
         fn(torch.zeros(2, 4), state, weight, torch.zeros(3))
     with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(batch,\) = \(2,\)"):
         fn(torch.zeros(2, 4), state, weight, cache_seqlens=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="conv_state must be a floating-point tensor"):
+        fn(torch.zeros(2, 4), state.long(), weight)
     with pytest.raises(NotImplementedError, match="activation"):
         fn(torch.zeros(2, 4), state, weight, activation="tanh")

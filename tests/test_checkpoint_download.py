@@ -65,6 +65,11 @@ def server():
     httpd.server_close()
 
 
+def _checkpoint_bytes(size: int) -> bytes:
+    """Bytes that start like a torch.save file (a zip archive), random after that."""
+    return b"PK\x03\x04" + os.urandom(size - 4)
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,7 +96,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 def test_download_then_cache_hit_without_network(server, tmp_path, capsys):
-    body = os.urandom(3_000_000)
+    body = _checkpoint_bytes(3_000_000)
     server.files["/repo/resolve/main/w%20t.pth"] = body
     url = server.base + "/repo/resolve/main/w%20t.pth?download=true"
     path = resolve_checkpoint(url, cache_dir=tmp_path)
@@ -115,16 +120,16 @@ def test_default_spec_is_the_released_vim_tiny(monkeypatch, tmp_path):
 
 def test_no_progress_and_no_content_length(server, tmp_path, capsys):
     server.mode = "no-length"
-    server.files["/a.pth"] = b"abc" * 1000
+    server.files["/a.pth"] = b"\x80\x02" + b"abc" * 1000  # a legacy (pickle) checkpoint
     path = resolve_checkpoint(server.base + "/a.pth", cache_dir=tmp_path / "new", progress=False)
-    assert path.read_bytes() == b"abc" * 1000
+    assert path.read_bytes() == b"\x80\x02" + b"abc" * 1000
     assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("mode", ["length-cut", "chunked-cut", "stall"])
 def test_interrupted_download_leaves_nothing_and_can_retry(server, tmp_path, monkeypatch, mode):
     monkeypatch.setattr(checkpoint_download, "_TIMEOUT_S", 0.2)
-    body = os.urandom(500_000)
+    body = _checkpoint_bytes(500_000)
     server.files["/w.pth"] = body
     server.mode = mode
     with pytest.raises(DownloadError, match="interrupted|cut off") as err:
@@ -158,3 +163,18 @@ def test_http_error_and_unusable_url_or_cache(server, tmp_path):
     blocker.write_bytes(b"")
     with pytest.raises(DownloadError, match="VIM_RPI_CACHE"):
         resolve_checkpoint(server.base + "/w.pth", cache_dir=blocker / "cache")
+
+
+def test_error_page_is_not_cached_and_files_are_readable(server, tmp_path):
+    server.files["/w.pth"] = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
+    with pytest.raises(DownloadError, match=r"did not send a PyTorch checkpoint \(it starts with '<!DOCTYPE html>"):
+        resolve_checkpoint(server.base + "/w.pth", cache_dir=tmp_path, progress=False)
+    assert os.listdir(tmp_path) == []  # the next run downloads again instead of failing forever
+    body = _checkpoint_bytes(10_000)
+    server.files["/w.pth"] = body
+    old = os.umask(0o022)
+    try:
+        path = resolve_checkpoint(server.base + "/w.pth", cache_dir=tmp_path, progress=False)
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == body and (path.stat().st_mode & 0o777) == 0o644

@@ -148,6 +148,48 @@ def test_released_vim_tiny_layout_loads_and_classifies(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("entries, message", [
+    ({"model_args": {"img_size": "x"}}, "img_size must be a positive int, got 'x'"),
+    ({"model_args": [1, 2]}, "'model_args' entry is a list, not a dict"),
+    ({"model_args": {1: 2}}, "'model_args' keys must be argument names"),
+    ({"model_name": 7}, "'model_name' entry is a int, not a str"),
+    ({"epoch": "last"}, "'epoch' entry is a str, not a int"),
+    ({"model_args": {**SMALL, "d_state": -4}}, "cannot build vim_tiny"),
+])
+def test_malformed_metadata_is_a_checkpoint_error(tmp_path, entries, message):
+    path = tmp_path / "odd.pth"
+    torch.save({"model": _model().state_dict(), "model_name": "vim_tiny", "model_args": dict(SMALL), **entries}, path)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint_io.load_model(path)
+
+
+def test_model_args_device_and_dtype_are_ignored(tmp_path):
+    path = tmp_path / "cuda.pth"
+    torch.save({"model": _model().state_dict(), "model_name": "vim_tiny",
+                "model_args": {**SMALL, "device": "cuda", "dtype": torch.float16}}, path)
+    model, _ = checkpoint_io.load_model(path)
+    assert model.head.weight.device.type == "cpu" and model.head.weight.dtype == torch.float32
+
+
+def test_a_quantized_state_dict_is_named(tmp_path):
+    path = tmp_path / "q.pth"
+    torch.save({"model": {"layers.0.mixer.in_proj._packed_params": "packed"}}, path)
+    with pytest.raises(CheckpointError, match="'model' entry is not a state dict of tensors"):
+        checkpoint_io.load_model(path, "vim_tiny")
+
+
+def test_loading_into_another_architecture_warns(tmp_path, caplog):
+    path = tmp_path / "tiny.pth"
+    checkpoint_io.save_checkpoint(path, _model())
+    with caplog.at_level("WARNING", logger="checkpoint_io"):
+        checkpoint_io.load_model(path)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="checkpoint_io"):
+        model, info = checkpoint_io.load_model(path, "vim_tiny_stride8", **SMALL)  # loads: pos_embed resampled
+    assert info["model"].startswith("vim_tiny_patch16_stride8")
+    assert "holds vim_tiny_patch16_224" in caplog.text and "into vim_tiny_patch16_stride8" in caplog.text
+
+
 def test_strict_mismatch_lists_keys_in_one_message(tmp_path):
     state = _model().state_dict()
     state.pop("norm_f.weight")
@@ -230,6 +272,21 @@ def test_convert_checkpoint_compact_and_half(tmp_path):
     assert torch.equal(_logits(loaded_ema), _logits(ema))
     failed = _convert(tmp_path / "missing.pth", tmp_path / "o.pth")
     assert failed.returncode == 1 and "not found" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_convert_checkpoint_refuses_a_name_the_weights_do_not_fit(tmp_path):
+    torch.manual_seed(0)
+    src = tmp_path / "tiny.pth"
+    checkpoint_io.save_checkpoint(src, models_mamba.create_model("vim_tiny", img_size=64))
+    refused = _convert(src, tmp_path / "small.pth", "--model", "vim_small")
+    assert refused.returncode == 1 and "holds vim_tiny_patch16_224" in refused.stderr and "not vim_small" in refused.stderr
+    assert not (tmp_path / "small.pth").exists() and "Traceback" not in refused.stderr
+    in_place = _convert(src, src, "--half")  # sizes are read before the file is replaced
+    assert in_place.returncode == 0, in_place.stderr
+    before, after = (float(part.split(": ")[-1].split(" MB")[0]) for part in in_place.stdout.split(" -> "))
+    assert after < 0.6 * before
+    _, info = checkpoint_io.load_model(src)
+    assert info["model"].startswith("vim_tiny_patch16_224")
 
 
 def test_dynamic_int8_runs_and_stays_close():

@@ -63,6 +63,30 @@ def test_eval_transform_matches_formula(size, input_size, resized, top, left):
     assert torch.equal(out, reference(img, resized, top, left, input_size))
 
 
+def test_extreme_aspect_ratio_resizes_only_the_crop(monkeypatch):
+    """A 20000 x 2 strip would become 256 x 2,560,000 before the crop (2 GB): only the crop's
+    region is resized, and it shows the middle of the strip."""
+    sizes = []
+    real_resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or real_resize(
+        self, size, *a, **k))
+    pixels = np.zeros((2, 20000, 3), dtype=np.uint8)
+    pixels[:, 9996:10004] = 255  # a white band in the middle columns, black elsewhere
+    out = eval_transform(Image.fromarray(pixels))
+    assert out.shape == (3, 224, 224) and sizes == [(224, 224)]
+    white = (1.0 - MEAN) / STD
+    assert torch.allclose(out, white.expand_as(out), atol=0.05)
+
+
+def test_box_resize_is_close_to_the_full_resize(monkeypatch):
+    img = noise_image(700, 300, seed=5)
+    want = torchvision_like(img)
+    monkeypatch.setattr(image_preprocess, "MAX_RESIZED_PIXELS", 1000)  # force the box path
+    got = eval_transform(img)
+    diff = (got - want).abs()
+    assert diff.mean() < 1e-3 and diff.max() < 2.5 / 255 / 0.224  # at most 2 levels of 255 apart
+
+
 def test_eval_transform_rejects_bad_input_size():
     with pytest.raises(ValueError, match="input_size"):
         eval_transform(noise_image(20, 20), 0)

@@ -2,6 +2,7 @@
 subprocesses run the way a user runs the script."""
 
 import http.server
+import io
 import json
 import os
 import pathlib
@@ -345,3 +346,14 @@ def test_download_once_then_cache_hit(files, main_in_process, tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_file_name_that_is_not_utf8_is_printed_escaped(files, main_in_process, monkeypatch, tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name on a UTF-8 system: a lone surrogate in Python
+    Image.open(files["images"] / "tall.png").save(tmp_path / name)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code, _, err = main_in_process([tmp_path / name, "-c", files["ckpt"], "-k", "1", "-t", "1"])
+    assert code == 0, err
+    stdout.flush()
+    assert b"caf\\udce9.png" in stdout.buffer.getvalue()  # escaped, not a crash

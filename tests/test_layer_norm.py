@@ -123,3 +123,16 @@ def test_gradcheck():
 
     assert torch.autograd.gradcheck(both(rms_norm_fn), (x, weight, bias, residual))
     assert torch.autograd.gradcheck(both(layer_norm_fn), (x, weight, bias, residual))
+
+
+@pytest.mark.parametrize("fn", [rms_norm_fn, layer_norm_fn])
+def test_bad_inputs_name_the_argument(fn):
+    x, w = torch.randn(2, 3, 8), torch.ones(8)
+    with pytest.raises(ValueError, match=r"weight must have shape \(hidden,\) = \(8,\) like x's last dim, got \(3, 8\)"):
+        fn(x, torch.ones(3, 8), None)  # would broadcast silently
+    with pytest.raises(ValueError, match=r"bias must have shape \(hidden,\) = \(8,\)"):
+        fn(x, w, torch.zeros(9))
+    with pytest.raises(ValueError, match=r"residual must have shape \(2, 3, 8\) like x, got \(1, 1, 8\)"):
+        fn(x, w, None, residual=torch.zeros(1, 1, 8))  # would broadcast silently
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+        fn(x.long(), w, None)

@@ -197,8 +197,12 @@ def test_builtin_augmentation():
     ("val without train", 4, "has val/ but no train/"),
     ("nothing to start from", 2, "nothing to start from"),
     ("diverges", 1, "the training loss became nan"),
+    ("output dir is a file", 2, "is not a directory"),
+    ("checkpoint path is a directory", 2, "checkpoint.pth is a directory"),
+    ("output dir cannot be made", 2, "cannot create --output-dir"),
+    ("checkpoint cannot be written", 1, "cannot write to --output-dir"),
 ])
-def test_training_bad_inputs(tmp_path, setup, capsys, case, code, message):
+def test_training_bad_inputs(tmp_path, setup, capsys, monkeypatch, case, code, message):
     args = ["--finetune", str(setup["init"]), "--data-path", str(setup["data"]), "--epochs", "1",
             "--threads", "1", "-q"]
     if case == "resume other classes":
@@ -216,6 +220,18 @@ def test_training_bad_inputs(tmp_path, setup, capsys, case, code, message):
         args = args[2:]
     elif case == "diverges":
         args += ["--lr", "1e6", "--batch-size", "8"]
+    elif case == "output dir is a file":
+        (tmp_path / "out").write_text("")
+        args += ["--output-dir", str(tmp_path / "out")]
+    elif case == "checkpoint path is a directory":
+        (tmp_path / "out" / "checkpoint.pth").mkdir(parents=True)
+        args += ["--output-dir", str(tmp_path / "out")]
+    elif case == "output dir cannot be made":
+        (tmp_path / "file").write_text("")
+        args += ["--output-dir", str(tmp_path / "file" / "out")]
+    elif case == "checkpoint cannot be written":  # e.g. the disk filled up during the epoch
+        monkeypatch.setattr(checkpoint_io.torch, "save", _failing_save)
+        args += ["--output-dir", str(tmp_path / "out")]
     try:
         status = main.main(args)
     except SystemExit as exit_:
@@ -224,6 +240,10 @@ def test_training_bad_inputs(tmp_path, setup, capsys, case, code, message):
     assert status == code
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+def _failing_save(obj, path):
+    raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file")
 
 
 def test_resumed_run_keeps_the_earlier_best_accuracy(tmp_path):
@@ -235,4 +255,7 @@ def test_resumed_run_keeps_the_earlier_best_accuracy(tmp_path):
     assert main._previous_best_acc1(tmp_path, start_epoch=0) == -1.0
     assert main._previous_best_acc1(tmp_path / "empty", start_epoch=2) == -1.0
     assert main._previous_best_acc1(None, start_epoch=2) == -1.0
+    with log.open("a") as f:  # damaged lines (an editor, a crash mid-write) are skipped
+        f.write('{"epoch": 1, "eval": {"acc1": 80.0}}\nnot json\n{"epoch": 0}\n[1, 2]\n{"eval": {"acc1": "x"}}\n')
+    assert main._previous_best_acc1(tmp_path, start_epoch=3) == 80.0
 

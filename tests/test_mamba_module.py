@@ -210,6 +210,36 @@ def test_inference_mode_then_no_grad_then_training():
     assert rel_err(run(m, h, "train"), want) <= 1e-4
 
 
+def test_module_made_under_inference_mode_sees_parameter_changes():
+    h = hidden_states()
+    with torch.inference_mode():  # inference-tensor parameters: no version counters to key a cache on
+        m = make_mixer("v2", if_divide_out=True).eval()
+        m(h)
+        m.load_state_dict({k: v + 0.1 for k, v in m.state_dict().items()})
+        assert rel_err(m(h), mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
+        m.A_log.add_(1.0)
+        assert rel_err(m(h), mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
+
+
+@pytest.mark.parametrize("bimamba_type", ["v2", "none"])
+def test_empty_sequence(bimamba_type):
+    m = make_mixer(bimamba_type).eval()
+    h = hidden_states(3, 0)
+    for mode in ("eval", "ref"):
+        assert run(m, h, mode).shape == (3, 0, D_MODEL)
+
+
+def test_float64_module_keeps_float32_A_and_computes_in_float64():
+    torch.manual_seed(0)
+    m = Mamba(D_MODEL, d_state=D_STATE, bimamba_type="v2", if_divide_out=True, dtype=torch.float64)
+    assert m.A_log.dtype == torch.float32 and m.in_proj.weight.dtype == torch.float64  # as upstream
+    h = hidden_states(dtype=torch.float64)
+    want = mixer_oracle(params64(m), h, "v2", True)
+    for mode in ("eval", "ref"):
+        got = run(m, h, mode)
+        assert got.dtype == torch.float64 and rel_err(got, want) <= 1e-10
+
+
 # ---- dynamic int8 ---------------------------------------------------------------------------
 
 def quantized(m):

@@ -81,6 +81,24 @@ def test_huge_decays_stay_finite(backend):
     assert rel_err(y, want_y) <= 1e-5 and rel_err(last, want_last) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_nan_and_overflow_show_as_in_torch_exp(backend):
+    """A NaN in A (a diverged A_log) poisons exactly the channel the oracle poisons (from the
+    second step: the kernels skip the first step's product with the zero initial state); an
+    exponent past float32's range gives inf, not a large finite number."""
+    t = inputs(6, (2, 1), 4, 32, torch.float32, seed=3)
+    At = t["At"].clone()
+    At[0, 0, 1, 5] = float("nan")
+    y, last = fast.scan_state_nd(t["dt"], t["x"], At, t["B"], t["C"], t["D"])
+    want_y, want_last = oracle(t["dt"], t["x"], At, t["B"], t["C"], t["D"])
+    assert torch.equal(torch.isnan(y[1:]), torch.isnan(want_y[1:])) and torch.isnan(y[1:, 0, 0, 5]).all()
+    assert torch.equal(torch.isnan(last), torch.isnan(want_last))
+    At = t["At"].clone()
+    At[1, 0, 2, 7] = 1e4  # exp(dt * 1e4) overflows float32
+    _, last = fast.scan_state_nd(t["dt"], t["x"], At, t["B"], t["C"], None, torch.ones_like(t["h0"]))
+    assert torch.isinf(last[1, 0, 2, 7]) and torch.isfinite(last[0]).all()
+
+
 def test_torch_kernel_chunk_boundaries_and_shape_changes(monkeypatch):
     """Chunk lengths 1, 3 (10 = 3+3+3+1) and 5 exercise both halves of the reused state buffer;
     the workspace is rebuilt when the shape changes and gives the same results."""

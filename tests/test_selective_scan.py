@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import mamba_ssm.ops.selective_scan_fast as scan_fast_module
 from mamba_ssm.ops.selective_scan_interface import (
     bimamba_inner_fn,
+    bimamba_inner_fn_no_out_proj,
     bimamba_inner_ref,
     mamba_inner_fn,
     mamba_inner_fn_no_out_proj,
@@ -305,6 +306,10 @@ def test_scan_bad_inputs_name_the_argument(impl):
         fn(u, delta, A, B, C, delta_bias=torch.zeros(4, 1))
     with pytest.raises(NotImplementedError, match="complex A"):
         fn(u, delta, A.to(torch.complex64), B, C)
+    with pytest.raises(TypeError, match="u must be a floating-point tensor, got torch.int64"):
+        fn(u.long(), delta, A, B, C)
+    with pytest.raises(TypeError, match="D must be a floating-point tensor"):
+        fn(u, delta, A, B, C, D=torch.zeros(4, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("groups", [None, 2])
@@ -383,6 +388,15 @@ def test_state_update_half_and_bad_shapes():
         args[name] = torch.zeros(shape)
         with pytest.raises(ValueError, match=rf"{name} must have shape"):
             selective_state_update(state, **args)
+    args = dict(x=torch.zeros(2, 4), dt=torch.zeros(2, 4), A=torch.zeros(4, 3), B=torch.zeros(2, 3),
+                C=torch.zeros(2, 3))
+    for name, value in (("D", torch.zeros(5)), ("dt_bias", torch.zeros(4, 1))):
+        with pytest.raises(ValueError, match=rf"{name} must have shape \(4,\)"):
+            selective_state_update(state, **args, **{name: value})
+    with pytest.raises(ValueError, match=r"state must have shape \(batch, dim, dstate\), got \(4, 3\)"):
+        selective_state_update(state[0], **args)
+    with pytest.raises(TypeError, match="state must be a floating-point tensor"):
+        selective_state_update(state.long(), **args)  # would silently stay 0
 
 
 # ---- the fused inner paths ------------------------------------------------------------------
@@ -466,6 +480,21 @@ def test_inner_bad_inputs():
         mamba_inner_fn_no_out_proj(*args[:3], args[3][:9], args[4], p["A"])
     with pytest.raises(ValueError, match=r"delta_proj_weight must have shape \(dim, dt_rank\)"):
         mamba_inner_fn_no_out_proj(*args[:4], args[4][:5], p["A"])
+    with pytest.raises(ValueError, match=r"A must have shape \(dim, dstate\) = \(6, dstate\), got \(6,\)"):
+        mamba_inner_fn_no_out_proj(*args, p["A"][:, 0])
+    out_args = args + [p["out_proj_weight"], p["out_proj_bias"]]
+    for fn in (bimamba_inner_fn, bimamba_inner_ref):  # None would silently run one direction only
+        with pytest.raises(ValueError, match="A_b .* is required by the bidirectional inner functions"):
+            fn(*out_args, p["A"], None)
+        with pytest.raises(ValueError, match=r"A_b must have shape \(dim, dstate\) = \(6, 4\) like A, got \(6, 5\)"):
+            fn(*out_args, p["A"], torch.zeros(6, 5, dtype=p["A"].dtype))
+    with pytest.raises(ValueError, match="A_b .* is required"):
+        bimamba_inner_fn_no_out_proj(*args, p["A"], None)
+    for fn in (mamba_inner_fn, mamba_inner_ref):
+        with pytest.raises(ValueError, match=r"out_proj_weight must have shape \(d_model, dim\) = \(d_model, 6\)"):
+            fn(*args, p["out_proj_weight"][:, :5], None, p["A"])
+    with pytest.raises(TypeError, match="xz must be a floating-point tensor"):
+        mamba_inner_fn_no_out_proj(args[0].long(), *args[1:], p["A"])
 
 
 @pytest.mark.parametrize("fn", [selective_scan_fn, selective_scan_ref, selective_scan_fast])

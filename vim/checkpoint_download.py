@@ -1,9 +1,11 @@
 """Turn a checkpoint argument (local path or http(s) URL) into a local file.
 
 URLs are downloaded once into a cache directory (`$VIM_RPI_CACHE`, else `~/.cache/vim-rpi`) and
-reused from there without touching the network. A download is written to a temporary file in the
-cache directory and renamed into place only when every byte announced by Content-Length has
-arrived, so an interrupted download never leaves a file that looks complete.
+reused from there without touching the network; like torch.hub, the cache is keyed by the URL's
+file name. A download is written to a temporary file in the cache directory and renamed into
+place only when every byte announced by Content-Length has arrived and the bytes start like a
+PyTorch checkpoint (a zip archive or a pickle), so neither an interrupted download nor an error
+page served with status 200 ever leaves a file that looks complete.
 
 Standard library only (urllib): no `requests` on the Pi.
 """
@@ -93,6 +95,10 @@ def _download(url: str, dest: Path, progress: bool):
         try:
             with os.fdopen(fd, "wb") as out:
                 _copy(response, out, url, dest.name if progress else None)
+            _check_looks_like_checkpoint(tmp, url)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a cached checkpoint reads like any file
             os.replace(tmp, dest)
         except OSError as e:  # read errors are DownloadErrors already, so this is the disk
             Path(tmp).unlink(missing_ok=True)
@@ -131,6 +137,19 @@ def _copy(response, out, url: str, progress_name):
         raise DownloadError(
             f"download of {url} was cut off after {received} of {total} bytes; run again to retry"
         )
+
+
+# torch.save writes a zip archive; files from torch < 1.6 start with a pickle protocol opcode.
+_CHECKPOINT_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
+def _check_looks_like_checkpoint(path, url: str):
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head.startswith(_CHECKPOINT_MAGICS):
+        shown = head[:40].decode("latin-1").translate({c: "." for c in range(32)})
+        raise DownloadError(f"{url} did not send a PyTorch checkpoint (it starts with {shown!r}, e.g. an "
+                            "HTML error or login page); check the URL")
 
 
 def _content_length(response):

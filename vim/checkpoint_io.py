@@ -13,6 +13,7 @@ released file costs about its 28 MB of weights in RSS, not its full size.
 """
 
 import argparse
+import logging
 import math
 import os
 import pickle
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import models_mamba
+
+_log = logging.getLogger("checkpoint_io")
 
 _PREFIXES = ("module.", "_orig_mod.")
 _CONTAINER_KEYS = ("model", "model_ema", "state_dict")
@@ -84,9 +87,12 @@ def extract_state_dict(obj, *, ema=False, source="checkpoint"):
     meta = {}
     if isinstance(obj, dict) and any(k in obj for k in _CONTAINER_KEYS):
         key = "model_ema" if ema else ("model" if "model" in obj else "state_dict")
-        if key not in obj or not _is_state_dict(obj[key]):
+        if key not in obj:
             what = "EMA weights ('model_ema')" if ema else "model weights ('model' or 'state_dict')"
             raise CheckpointError(f"{source} has no {what}; it holds: {', '.join(map(str, obj))}")
+        if not _is_state_dict(obj[key]):
+            raise CheckpointError(f"{source}: its '{key}' entry is not a state dict of tensors "
+                                  f"(a quantized or otherwise converted model cannot be loaded)")
         state_dict = obj[key]
         args = obj.get("args")
         meta = {
@@ -101,7 +107,26 @@ def extract_state_dict(obj, *, ema=False, source="checkpoint"):
         state_dict = obj
     else:
         raise CheckpointError(f"{source} does not contain a model state dict")
-    return _strip_prefixes(state_dict), meta
+    return _strip_prefixes(state_dict), _checked_meta(meta, source)
+
+
+def _checked_meta(meta, source):
+    """The metadata with the types load_model relies on, or a CheckpointError naming the entry.
+    'device'/'dtype' in model_args are dropped: they say where a model was built, not what it is."""
+    kinds = {"epoch": int, "model_name": str, "model_args": dict, "input_size": int}
+    for key, kind in kinds.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise CheckpointError(f"{source}: its '{key}' entry is a {type(value).__name__}, not a {kind.__name__}")
+    args = meta.get("model_args")
+    if args is not None:
+        if not all(isinstance(k, str) for k in args):
+            raise CheckpointError(f"{source}: its 'model_args' keys must be argument names (strings)")
+        img_size = args.get("img_size")
+        if img_size is not None and (not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 1):
+            raise CheckpointError(f"{source}: its model_args img_size must be a positive int, got {img_size!r}")
+        meta = {**meta, "model_args": {k: v for k, v in args.items() if k not in ("device", "dtype")}}
+    return meta
 
 
 def read_state_dict(path, *, ema=False, trust_pickle=False):
@@ -228,9 +253,17 @@ def load_model(checkpoint_path, model_name=None, *, ema=False, trust_pickle=Fals
         stored_args = {}  # the stored overrides describe another model
     kwargs = {**stored_args, "num_classes": arch["num_classes"], **model_kwargs}
     kwargs["img_size"] = input_size or kwargs.get("img_size") or trained_size
-    with torch.device("meta"):
-        model = models_mamba.create_model(name, **kwargs)
+    try:
+        with torch.device("meta"):
+            model = models_mamba.create_model(name, **kwargs)
+    except (TypeError, ValueError, AssertionError, NotImplementedError, RuntimeError) as err:
+        raise CheckpointError(f"cannot build {name} with {kwargs} (from {source} and the options given): "
+                              f"{err}") from None
     load_into(model, state_dict, source=source, fitting=[f for f in fitting if f != name])
+    fits = {models_mamba.resolve_model_name(f) for f in fitting if models_mamba.is_model(f)}
+    if fits and name not in fits:
+        _log.warning("warning: %s holds %s weights; loading them into %s as asked",
+                     source, " / ".join(sorted(fits)), name)
     model.model_overrides = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
     model.eval()
     info = {"model": name, "checkpoint": source, "num_classes": arch["num_classes"], "input_size": kwargs["img_size"],
@@ -249,7 +282,10 @@ def _atomic_save(obj, path):
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk this way
+            raise OSError(f"cannot write {path}: {exc}") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved checkpoint reads like any file

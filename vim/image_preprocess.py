@@ -43,6 +43,9 @@ _DIRECT_MODES = {
     "1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
 }
 _UINT16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# Above this many pixels the resized image is not materialized: a 20000 x 1 strip would
+# otherwise become 256 x 5,120,000 (3.9 GB) on the way to a 224 x 224 crop.
+MAX_RESIZED_PIXELS = 1 << 24
 
 
 class ImageError(Exception):
@@ -159,6 +162,8 @@ def eval_transform(img: Image.Image, input_size: int = 224) -> torch.Tensor:
     Short side -> s = int(input_size / 0.875) by PIL bicubic, long side -> int(s * long / short)
     (torchvision's rule for Resize(int)), center crop with top = round((h - input_size) / 2),
     scale to [0, 1], normalize with the ImageNet mean/std; all in float32 like torchvision.
+    When the resized image would exceed MAX_RESIZED_PIXELS (aspect ratios beyond ~256:1), only
+    the crop's region of the source is resized (PIL's box resize: slightly different pixels).
 
     Args:
         img: PIL image, any mode (converted with ``to_rgb``).
@@ -173,14 +178,18 @@ def eval_transform(img: Image.Image, input_size: int = 224) -> torch.Tensor:
     short, long = min(width, height), max(width, height)
     new_short = resize_size(input_size)
     new_long = int(new_short * long / short)
-    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
-    if new_size != img.size:
-        img = img.resize(new_size, Image.Resampling.BICUBIC)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     # new_long >= new_short >= input_size, so the crop always fits and needs no padding.
-    pixels = np.asarray(img)  # (h, w, 3) uint8
-    top = int(round((pixels.shape[0] - input_size) / 2.0))
-    left = int(round((pixels.shape[1] - input_size) / 2.0))
-    crop = pixels[top : top + input_size, left : left + input_size]
+    top = int(round((new_h - input_size) / 2.0))
+    left = int(round((new_w - input_size) / 2.0))
+    if new_w * new_h > MAX_RESIZED_PIXELS:
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + input_size) * sx, (top + input_size) * sy)
+        crop = np.asarray(img.resize((input_size, input_size), Image.Resampling.BICUBIC, box=box))
+    else:
+        if (new_w, new_h) != img.size:
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        crop = np.asarray(img)[top : top + input_size, left : left + input_size]  # (h, w, 3) uint8
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
     std = np.asarray(IMAGENET_STD, dtype=np.float32)
     normalized = (crop.astype(np.float32) / np.float32(255.0) - mean) / std  # (h, w, 3)
@@ -205,4 +214,7 @@ def preprocess_image(path, input_size: int = 224, exact: bool = False) -> torch.
     """
     _check_input_size(input_size)
     draft_size = None if exact else resize_size(input_size)
-    return eval_transform(load_image(path, draft_size=draft_size), input_size)
+    try:
+        return eval_transform(load_image(path, draft_size=draft_size), input_size)
+    except MemoryError:
+        raise ImageError(f"{path}: not enough memory to decode and resize this image") from None

@@ -59,7 +59,8 @@ output:
   (rank 0 only); training also appends one JSON line per epoch to OUTPUT_DIR/log.txt.
 
 exit status:
-  {EXIT_OK} success, {EXIT_FAILED} training failed (e.g. the loss became NaN), {EXIT_USAGE} usage error,
+  {EXIT_OK} success, {EXIT_FAILED} training failed (e.g. the loss became NaN, or a checkpoint could not
+  be written), {EXIT_USAGE} usage error,
   {EXIT_CHECKPOINT} checkpoint missing or unusable, {EXIT_DATA} dataset missing, empty or with an \
 unreadable image.
 
@@ -70,6 +71,9 @@ distributed:
       vim/main.py --eval ...
   torchrun sets OMP_NUM_THREADS=1 when it starts several processes per machine; pass --threads.
 """
+
+
+OUTPUT_FILES = ("checkpoint.pth", "best_checkpoint.pth", "log.txt")
 
 
 class _UsageError(Exception):
@@ -179,6 +183,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tor
                         "--drop-path": args.drop_path, "--model-ema-decay": args.model_ema_decay}.items():
         if not 0 <= value < 1:
             parser.error(f"{flag} must be in [0, 1), got {value}")
+    if args.output_dir and not args.eval:
+        out = Path(args.output_dir)
+        for path in [out] + [out / name for name in OUTPUT_FILES]:
+            if path.exists() and path.is_dir() != (path == out):
+                parser.error(f"--output-dir: {path} is {'not ' if path == out else ''}a directory")
     return runtime.check_common_args(parser, args.model, args.device)
 
 
@@ -408,18 +417,31 @@ def _previous_best_acc1(output_dir, start_epoch: int) -> float:
     log = output_dir / "log.txt" if output_dir is not None else None
     if start_epoch == 0 or log is None or not log.exists():
         return -1.0
-    accs = [r["eval"]["acc1"] for r in map(json.loads, log.read_text().splitlines())
-            if r.get("eval") and r["epoch"] < start_epoch]
+    accs = []
+    for number, line in enumerate(log.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            if record.get("eval") and record["epoch"] < start_epoch:
+                accs.append(float(record["eval"]["acc1"]))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            _log.warning("%s line %d is not an epoch record; ignored", log, number)
     return max(accs, default=-1.0)
+
+
+def _make_output_dir(output_dir) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _UsageError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from None
 
 
 def train(args, device) -> dict:
     """Fine-tune (or resume, or train from scratch); returns the report dict (see EPILOG)."""
     rank, world = engine.rank_and_world()
-    run = prepare_training(args, device)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        _make_output_dir(output_dir)  # before loading anything: a bad path fails at once
+    run = prepare_training(args, device)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
     history, best_acc1 = [], _previous_best_acc1(output_dir, run.start_epoch)
     for epoch in range(run.start_epoch, args.epochs):
@@ -440,7 +462,11 @@ def train(args, device) -> dict:
         is_best = record["eval"] is not None and record["eval"]["acc1"] > best_acc1
         best_acc1 = record["eval"]["acc1"] if is_best else best_acc1
         if output_dir is not None and rank == 0:
-            save_epoch(output_dir, run, epoch, record, is_best, args)
+            try:
+                save_epoch(output_dir, run, epoch, record, is_best, args)
+            except OSError as exc:
+                raise engine.TrainingError(f"cannot write to --output-dir {output_dir} after epoch {epoch}: "
+                                           f"{exc.strerror or exc}") from None
     return {"mode": "train", "model": run.info["model"], "checkpoint": run.info["checkpoint"],
             "data": str(args.data_path), "world_size": world,
             "output_dir": str(output_dir) if output_dir else None, "epochs": history,
@@ -468,6 +494,8 @@ def _message(exc: Exception) -> str:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # print file names that are not valid UTF-8, escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     device = check_args(parser, args)
     rank = 0
     try:

@@ -15,6 +15,7 @@ SiLU. `causal_conv1d_fn` and `causal_conv1d_update` dispatch (see `causal_conv1d
 import torch
 import torch.nn.functional as F
 
+from causal_conv1d.arg_checks import check_floating, shape_error
 from causal_conv1d.backends import BackendSwitch
 
 switch = BackendSwitch(force_env="CAUSAL_CONV1D_FORCE_FALLBACK", extension="causal_conv1d_cuda")
@@ -32,10 +33,6 @@ def use_backend(name):
     return switch.use(name)
 
 
-def _shape_error(arg, expected, tensor):
-    return ValueError(f"{arg} must have shape {expected}, got {tuple(tensor.shape)}")
-
-
 def _check_activation(activation):
     if activation not in _ACTIVATIONS:
         raise NotImplementedError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
@@ -43,21 +40,22 @@ def _check_activation(activation):
 
 def _check_fn_args(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, activation):
     _check_activation(activation)
+    check_floating(x=x, weight=weight, bias=bias, initial_states=initial_states, final_states_out=final_states_out)
     if x.dim() != 3:
-        raise _shape_error("x", "(batch, dim, seqlen)", x)
+        raise shape_error("x", "(batch, dim, seqlen)", x)
     b, d, l = x.shape
     if weight.dim() != 2 or weight.shape[0] != d:
-        raise _shape_error("weight", f"(dim, width) = ({d}, width)", weight)
+        raise shape_error("weight", f"(dim, width) = ({d}, width)", weight)
     w = weight.shape[1]
     if bias is not None and tuple(bias.shape) != (d,):
-        raise _shape_error("bias", f"(dim,) = ({d},)", bias)
+        raise shape_error("bias", f"(dim,) = ({d},)", bias)
     if initial_states is not None and tuple(initial_states.shape) != (b, d, w - 1):
-        raise _shape_error("initial_states", f"(batch, dim, width - 1) = ({b}, {d}, {w - 1})", initial_states)
+        raise shape_error("initial_states", f"(batch, dim, width - 1) = ({b}, {d}, {w - 1})", initial_states)
     if final_states_out is not None and tuple(final_states_out.shape) != (b, d, w - 1):
-        raise _shape_error("final_states_out", f"(batch, dim, width - 1) = ({b}, {d}, {w - 1})", final_states_out)
+        raise shape_error("final_states_out", f"(batch, dim, width - 1) = ({b}, {d}, {w - 1})", final_states_out)
     if seq_idx is not None:
         if tuple(seq_idx.shape) != (b, l):
-            raise _shape_error("seq_idx", f"(batch, seqlen) = ({b}, {l})", seq_idx)
+            raise shape_error("seq_idx", f"(batch, seqlen) = ({b}, {l})", seq_idx)
         if initial_states is not None or return_final_states:
             raise ValueError("seq_idx cannot be combined with initial_states or return_final_states")
 
@@ -216,18 +214,19 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
 
 def _check_update_args(x, conv_state, weight, bias, activation, cache_seqlens):
     _check_activation(activation)
+    check_floating(x=x, conv_state=conv_state, weight=weight, bias=bias)
     if x.dim() not in (2, 3):
-        raise _shape_error("x", "(batch, dim) or (batch, dim, seqlen)", x)
+        raise shape_error("x", "(batch, dim) or (batch, dim, seqlen)", x)
     b, d = x.shape[:2]
     if weight.dim() != 2 or weight.shape[0] != d:
-        raise _shape_error("weight", f"(dim, width) = ({d}, width)", weight)
+        raise shape_error("weight", f"(dim, width) = ({d}, width)", weight)
     w = weight.shape[1]
     if conv_state.dim() != 3 or tuple(conv_state.shape[:2]) != (b, d) or conv_state.shape[2] < w - 1:
-        raise _shape_error("conv_state", f"(batch, dim, state_len >= width - 1) = ({b}, {d}, >={w - 1})", conv_state)
+        raise shape_error("conv_state", f"(batch, dim, state_len >= width - 1) = ({b}, {d}, >={w - 1})", conv_state)
     if bias is not None and tuple(bias.shape) != (d,):
-        raise _shape_error("bias", f"(dim,) = ({d},)", bias)
+        raise shape_error("bias", f"(dim,) = ({d},)", bias)
     if cache_seqlens is not None and tuple(cache_seqlens.shape) != (b,):
-        raise _shape_error("cache_seqlens", f"(batch,) = ({b},)", cache_seqlens)
+        raise shape_error("cache_seqlens", f"(batch,) = ({b},)", cache_seqlens)
 
 
 def _update_output(out, x, activation):

@@ -11,8 +11,9 @@ Constructor arguments, parameter names (checkpoint keys) and results are upstrea
   - on the "fast" backend a "v2" mixer runs both directions stacked (`mamba_ssm.ops.bimamba_v2`);
     in eval mode without autograd it also caches its derived constants (A = -exp(A_log), stacked
     weights) until a parameter changes (in place, replaced, reloaded) or train()/eval() is
-    called; writes through `param.data` are invisible to PyTorch's version counters, so call
-    eval() again after them;
+    called; writes through `param.data` or other aliases (`.detach()`, `.numpy()`) are
+    invisible to PyTorch's version counters, so call eval() again after them. Parameters that
+    are inference tensors (made under inference_mode) have no version counter: no caching;
   - Linear layers may be replaced by dynamically quantized ones (they have no `.weight`
     tensor): modules are called, or their weights dequantized, as needed.
 """
@@ -61,7 +62,7 @@ def _stacked_linear(weight, bias):
     def apply(x):
         flat = x.reshape(2, -1, x.shape[-1])
         y = torch.bmm(flat, weight_t) if bias is None else torch.baddbmm(bias, flat, weight_t)
-        return y.view(*x.shape[:-1], -1)
+        return y.view(*x.shape[:-1], weight.shape[1])
 
     return apply
 
@@ -194,13 +195,15 @@ class Mamba(nn.Module):
     def _constants_key(self):
         modules = (self.conv1d, self.conv1d_b, self.x_proj, self.x_proj_b, self.dt_proj, self.dt_proj_b)
         params = [p for m in modules for p in m.parameters()] + [self.A_log, self.A_b_log, self.D, self.D_b]
-        # module ids catch Linear layers swapped in place (e.g. by quantize_dynamic(inplace=True));
-        # inference tensors (parameters created under inference_mode) have no version counter
-        return tuple(id(m) for m in modules) + tuple(
-            (p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype) for p in params)
+        # module ids catch Linear layers swapped in place (e.g. by quantize_dynamic(inplace=True)).
+        # None: a parameter is an inference tensor (created under inference_mode), which has no
+        # version counter, so in-place changes to it could not be seen: no caching then.
+        if any(p.is_inference() for p in params):
+            return None
+        return tuple(id(m) for m in modules) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
 
     def train(self, mode=True):
-        # Writes through `.data` bypass the version counters the cache key reads; switching
+        # Writes through `.data` (or .detach()/.numpy() aliases) bypass the version counters the cache key reads; switching
         # mode (model.eval()) is the documented way to refresh after them.
         self._constants = None
         return super().train(mode)
@@ -213,11 +216,10 @@ class Mamba(nn.Module):
     def _v2_constants(self):
         """Stacked (forward, backward) constants for `bimamba_v2_fast`; cached while the module is
         in eval mode, autograd is off and no parameter has changed (data pointer and version)."""
-        cacheable = not self.training and not torch.is_grad_enabled()
-        if not cacheable:
+        key = None if self.training or torch.is_grad_enabled() else self._constants_key()
+        if key is None:
             self._constants = None
             return self._build_v2_constants()
-        key = self._constants_key()
         if self._constants is None or self._constants[0] != key:
             self._constants = (key, self._build_v2_constants())
         return self._constants[1]

@@ -41,7 +41,7 @@ def bimamba_v2_fast(xz, conv_weight, conv_bias, x_proj, dt_proj, A, D, dt_rank, 
     A: (2, 1, d, n) (already -exp(A_log); fastest stored as (2, 1, n, d)); D: (2, 1, d)
     Returns y: (b, l, d) in xz's dtype.
     """
-    dtype = A.dtype
+    dtype = torch.promote_types(xz.dtype, A.dtype)  # float32 A (as upstream) with float64 xz: float64
     inplace = not torch.is_grad_enabled()  # else autograd may need the overwritten values
     d, n = xz.shape[-1] // 2, A.shape[-1]
     x, z = xz.split(d, dim=-1)

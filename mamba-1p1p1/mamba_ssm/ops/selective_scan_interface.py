@@ -18,42 +18,40 @@ import torch
 import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
+from causal_conv1d.arg_checks import check_floating, shape_error
 from mamba_ssm.ops.backends import switch
 from mamba_ssm.ops.selective_scan_fast import scan_state_nd
 
 
-def _shape_error(arg, expected, tensor):
-    return ValueError(f"{arg} must have shape {expected}, got {tuple(tensor.shape)}")
-
-
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
+    check_floating(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     if u.dim() != 3:
-        raise _shape_error("u", "(batch, dim, seqlen)", u)
+        raise shape_error("u", "(batch, dim, seqlen)", u)
     b, d, l = u.shape
     if delta.shape != u.shape:
-        raise _shape_error("delta", f"(batch, dim, seqlen) = {(b, d, l)} like u", delta)
+        raise shape_error("delta", f"(batch, dim, seqlen) = {(b, d, l)} like u", delta)
     if A.is_complex():
         raise NotImplementedError("complex A is not supported (Vim only uses real A)")
     if A.dim() != 2 or A.shape[0] != d:
-        raise _shape_error("A", f"(dim, dstate) = ({d}, dstate)", A)
+        raise shape_error("A", f"(dim, dstate) = ({d}, dstate)", A)
     n = A.shape[1]
     for name, t in (("B", B), ("C", C)):
         if t.dim() == 3 and tuple(t.shape) == (b, n, l):
             continue
         if t.dim() == 4 and tuple(t.shape[:1] + t.shape[2:]) == (b, n, l) and d % t.shape[1] == 0:
             continue
-        raise _shape_error(name, f"(batch, dstate, seqlen) = ({b}, {n}, {l}) or (batch, groups, dstate, "
+        raise shape_error(name, f"(batch, dstate, seqlen) = ({b}, {n}, {l}) or (batch, groups, dstate, "
                                  f"seqlen) with groups dividing dim={d}", t)
     groups = {t.shape[1] for t in (B, C) if t.dim() == 4} - {1}
     if len(groups) > 1:
         raise ValueError(f"B and C must have the same number of groups (or one of them 1), got "
                          f"{B.shape[1]} and {C.shape[1]}")
     if D is not None and tuple(D.shape) != (d,):
-        raise _shape_error("D", f"(dim,) = ({d},)", D)
+        raise shape_error("D", f"(dim,) = ({d},)", D)
     if z is not None and z.shape != u.shape:
-        raise _shape_error("z", f"(batch, dim, seqlen) = {(b, d, l)} like u", z)
+        raise shape_error("z", f"(batch, dim, seqlen) = {(b, d, l)} like u", z)
     if delta_bias is not None and tuple(delta_bias.shape) != (d,):
-        raise _shape_error("delta_bias", f"(dim,) = ({d},)", delta_bias)
+        raise shape_error("delta_bias", f"(dim,) = ({d},)", delta_bias)
 
 
 def _compute_dtype(u):
@@ -188,18 +186,38 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
 
 def _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, checkpoint_lvl):
+    check_floating(xz=xz, conv1d_weight=conv1d_weight, x_proj_weight=x_proj_weight,
+                   delta_proj_weight=delta_proj_weight)
     if xz.dim() != 3 or xz.shape[1] % 2:
-        raise _shape_error("xz", "(batch, 2 * dim, seqlen)", xz)
+        raise shape_error("xz", "(batch, 2 * dim, seqlen)", xz)
     d = xz.shape[1] // 2
+    if A.dim() != 2 or A.shape[0] != d:
+        raise shape_error("A", f"(dim, dstate) = ({d}, dstate)", A)
     if conv1d_weight.dim() != 3 or tuple(conv1d_weight.shape[:2]) != (d, 1):
-        raise _shape_error("conv1d_weight", f"(dim, 1, width) = ({d}, 1, width)", conv1d_weight)
+        raise shape_error("conv1d_weight", f"(dim, 1, width) = ({d}, 1, width)", conv1d_weight)
     if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] != d:
-        raise _shape_error("delta_proj_weight", f"(dim, dt_rank) = ({d}, dt_rank)", delta_proj_weight)
+        raise shape_error("delta_proj_weight", f"(dim, dt_rank) = ({d}, dt_rank)", delta_proj_weight)
     r, n = delta_proj_weight.shape[1], A.shape[-1]
     if tuple(x_proj_weight.shape) != (r + 2 * n, d):
-        raise _shape_error("x_proj_weight", f"(dt_rank + 2 * dstate, dim) = ({r + 2 * n}, {d})", x_proj_weight)
+        raise shape_error("x_proj_weight", f"(dt_rank + 2 * dstate, dim) = ({r + 2 * n}, {d})", x_proj_weight)
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
+
+
+def _check_A_b(A, A_b):
+    if A_b is None:
+        raise ValueError("A_b (the backward direction's A, shape (dim, dstate)) is required by the "
+                         "bidirectional inner functions; mamba_inner_fn runs one direction")
+    if A_b.shape != A.shape:
+        raise shape_error("A_b", f"(dim, dstate) = {tuple(A.shape)} like A", A_b)
+
+
+def _out_proj(y, out_proj_weight, out_proj_bias):
+    """y (b, d, l) -> (b, l, d_model) through out_proj_weight (d_model, d)."""
+    check_floating(out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias)
+    if out_proj_weight.dim() != 2 or out_proj_weight.shape[1] != y.shape[1]:
+        raise shape_error("out_proj_weight", f"(d_model, dim) = (d_model, {y.shape[1]})", out_proj_weight)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
 def inner_projections(x, x_proj_weight, delta_proj_weight, B=None, C=None, B_proj_bias=None, C_proj_bias=None):
@@ -266,7 +284,7 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     y = mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A,
                                    B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
                                    checkpoint_lvl)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    return _out_proj(y, out_proj_weight, out_proj_bias)
 
 
 def bimamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
@@ -275,6 +293,7 @@ def bimamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, 
     """Bimamba v1 without out_proj: one conv and projection, two scans (A forward, A_b over the
     flipped sequence), y = scan(x) + flip(scan(flip(x))): returns (b, d, l)."""
     _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, checkpoint_lvl)
+    _check_A_b(A, A_b)
     return _inner_no_out_proj(*_primitives(xz), xz, conv1d_weight, conv1d_bias, x_proj_weight,
                               delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                               delta_softplus, A_b=A_b)
@@ -287,7 +306,7 @@ def bimamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_w
     y = bimamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A,
                                      A_b, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
                                      checkpoint_lvl)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    return _out_proj(y, out_proj_weight, out_proj_bias)
 
 
 def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
@@ -298,7 +317,7 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
     y = _inner_no_out_proj(*_ref_primitives(), xz, conv1d_weight, conv1d_bias, x_proj_weight,
                            delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                            delta_softplus)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    return _out_proj(y, out_proj_weight, out_proj_bias)
 
 
 def bimamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
@@ -306,7 +325,8 @@ def bimamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_
                       B_proj_bias=None, C_proj_bias=None, delta_softplus=True):
     """`bimamba_inner_fn` computed with `causal_conv1d_ref` and `selective_scan_ref`."""
     _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, 1)
+    _check_A_b(A, A_b)
     y = _inner_no_out_proj(*_ref_primitives(), xz, conv1d_weight, conv1d_bias, x_proj_weight,
                            delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                            delta_softplus, A_b=A_b)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    return _out_proj(y, out_proj_weight, out_proj_bias)

@@ -15,7 +15,7 @@ float32 exp(dt A) is computed as 2^(dt A log2 e): 2^k from the exponent bits tim
 polynomial for 2^r, |r| <= 1/2 (Cephes' exp2f coefficients, about 1 ulp), written so that LLVM
 vectorizes it: numba has no vector math library on these machines and a `math.exp` call keeps
 the loop scalar. Results below 2^-126 give 0 instead of a subnormal (an absolute difference
-below 1.2e-38). float64 uses math.exp.
+below 1.2e-38); overflow gives inf and NaN stays NaN, as with torch.exp. float64 uses math.exp.
 
 Compiled code is cached on disk (numba's cache=True: in __pycache__ next to this file, or the
 user's cache directory when that is not writable), so only the first run on a machine compiles
@@ -53,6 +53,7 @@ def _exp2_overload(x):
         return lambda x: math.exp(x * 0.6931471805599453)
 
     def exp2f(x):
+        x0 = x
         x = min(max(x, np.float32(-126.0)), np.float32(127.0))
         k = np.floor(x + np.float32(0.5))  # 2^x = 2^k * 2^r, r in [-1/2, 1/2]
         r = x - k
@@ -64,7 +65,9 @@ def _exp2_overload(x):
         p = p * r + np.float32(6.931472028550421e-1)
         p = p * r + np.float32(1.0)
         scale = _int_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k
-        return p * scale if x > np.float32(-126.0) else np.float32(0.0)
+        out = p * scale if x0 > np.float32(-126.0) else np.float32(0.0)
+        out = out if x0 < np.float32(128.0) else np.float32(np.inf)
+        return out if x0 == x0 else x0  # NaN (a diverged A or dt) must show, as in torch.exp
 
     return exp2f
 

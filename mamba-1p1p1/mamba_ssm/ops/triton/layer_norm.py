@@ -12,6 +12,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from causal_conv1d.arg_checks import check_floating, shape_error
+
+
+def _check_norm_args(x, weight, bias, residual):
+    check_floating(x=x, weight=weight, bias=bias, residual=residual)
+    hidden = x.shape[-1:]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != hidden:
+            raise shape_error(name, f"(hidden,) = {tuple(hidden)} like x's last dim", t)
+    if residual is not None and residual.shape != x.shape:
+        raise shape_error("residual", f"{tuple(x.shape)} like x", residual)
+
 
 def _add_residual(x, residual, residual_in_fp32):
     """s = x + residual in float32 (or float64), and the dtype s is returned in: an incoming
@@ -29,6 +41,7 @@ def _finish(out, s, x, prenorm, residual_dtype):
 
 def rms_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False):
     """x, residual: (..., hidden); weight, bias: (hidden,). See the module docstring."""
+    _check_norm_args(x, weight, bias, residual)
     s, residual_dtype = _add_residual(x, residual, residual_in_fp32)
     out = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * weight.to(s.dtype)
     if bias is not None:
@@ -41,6 +54,7 @@ def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, resid
     """Like `rms_norm_fn`, with LayerNorm statistics unless is_rms_norm."""
     if is_rms_norm:
         return rms_norm_fn(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
+    _check_norm_args(x, weight, bias, residual)
     s, residual_dtype = _add_residual(x, residual, residual_in_fp32)
     out = F.layer_norm(s, s.shape[-1:], weight.to(s.dtype), None if bias is None else bias.to(s.dtype), eps)
     return _finish(out, s, x, prenorm, residual_dtype)

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from causal_conv1d.arg_checks import check_floating, shape_error
+
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """Advance the SSM state by one token, in place, and return the output.
@@ -13,13 +15,15 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         out = sum_n state * C + D * x;  out = out * silu(z)
     Returns out (b, d) in x's dtype; computed in float32 (or float64).
     """
+    check_floating(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    if state.dim() != 3:
+        raise shape_error("state", "(batch, dim, dstate)", state)
     b, d, n = state.shape
-    expected = {"x": (b, d), "dt": (b, d), "A": (d, n), "B": (b, n), "C": (b, n)}
-    given = {"x": x, "dt": dt, "A": A, "B": B, "C": C}
-    if z is not None:
-        expected["z"], given["z"] = (b, d), z
+    expected = {"x": (b, d), "dt": (b, d), "A": (d, n), "B": (b, n), "C": (b, n), "z": (b, d), "D": (d,),
+                "dt_bias": (d,)}
+    given = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "z": z, "D": D, "dt_bias": dt_bias}
     for name, shape in expected.items():
-        if tuple(given[name].shape) != shape:
+        if given[name] is not None and tuple(given[name].shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for a state of shape {(b, d, n)}, "
                              f"got {tuple(given[name].shape)}")
     dtype = torch.promote_types(state.dtype, torch.float32)
