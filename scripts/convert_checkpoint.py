@@ -23,14 +23,13 @@ def _mb(path):
     return os.path.getsize(path) / 2**20
 
 
-def _checked_name(args, name, fitting):
-    """The registered name to record; refused when the weights' architecture is a registered
-    model's and `name` is another one (the file would not load). Custom sizes are not checked:
-    their constructor overrides may only be given when loading."""
+def _checked_name(args, name, arch, overrides):
+    """The registered name to record; refused when the weights are a registered model's and
+    `name` built with the file's stored overrides is another architecture (it would not load)."""
     name = models_mamba.resolve_model_name(name)
-    fits = {models_mamba.resolve_model_name(f) for f in fitting if models_mamba.is_model(f)}
-    if fits and name not in fits:
-        raise ValueError(f"{args.input} holds {' / '.join(sorted(fits))} weights, not {name}")
+    fitting = checkpoint_io.fitting_models(arch)
+    if fitting and not checkpoint_io.fits(arch, name, overrides):
+        raise ValueError(f"{args.input} holds {' / '.join(fitting)} weights, not {name}")
     return name
 
 
@@ -46,13 +45,20 @@ def main(argv=None):
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow arbitrary pickled objects in IN (only for files you trust)")
     args = parser.parse_args(argv)
+    if args.model is not None:
+        try:
+            models_mamba.resolve_model_name(args.model)
+        except ValueError as err:
+            parser.error(str(err))
     try:
         state_dict, meta = checkpoint_io.read_state_dict(args.input, ema=args.ema, trust_pickle=args.trust_checkpoint)
-        fitting = checkpoint_io.fitting_models(checkpoint_io.infer_architecture(
-            state_dict, img_size=(meta.get("model_args") or {}).get("img_size") or meta.get("input_size") or 224))
+        overrides = meta.get("model_args") or {}
+        arch = checkpoint_io.infer_architecture(state_dict,
+                                                img_size=overrides.get("img_size") or meta.get("input_size") or 224)
+        fitting = checkpoint_io.fitting_models(arch)
         name = args.model or meta.get("model_name") or (fitting[0] if fitting else None)
         if name is not None:
-            name = _checked_name(args, name, fitting)
+            name = _checked_name(args, name, arch, overrides)
         in_mb = _mb(args.input)  # before writing: OUT may be IN
         checkpoint_io.save_weights(args.output, state_dict, model_name=name, model_args=meta.get("model_args"),
                                    half=args.half)

@@ -150,10 +150,9 @@ def test_released_vim_tiny_layout_loads_and_classifies(tmp_path):
 
 @pytest.mark.parametrize("entries, message", [
     ({"model_args": {"img_size": "x"}}, "img_size must be a positive int, got 'x'"),
-    ({"model_args": [1, 2]}, "'model_args' entry is a list, not a dict"),
+    ({"model_args": [1, 2]}, "'model_args' entry must be of type dict, got list"),
     ({"model_args": {1: 2}}, "'model_args' keys must be argument names"),
-    ({"model_name": 7}, "'model_name' entry is a int, not a str"),
-    ({"epoch": "last"}, "'epoch' entry is a str, not a int"),
+    ({"model_name": 7}, "'model_name' entry must be of type str, got int"),
     ({"model_args": {**SMALL, "d_state": -4}}, "cannot build vim_tiny"),
 ])
 def test_malformed_metadata_is_a_checkpoint_error(tmp_path, entries, message):
@@ -161,6 +160,14 @@ def test_malformed_metadata_is_a_checkpoint_error(tmp_path, entries, message):
     torch.save({"model": _model().state_dict(), "model_name": "vim_tiny", "model_args": dict(SMALL), **entries}, path)
     with pytest.raises(CheckpointError, match=message):
         checkpoint_io.load_model(path)
+
+
+@pytest.mark.parametrize("epoch, expected", [(torch.tensor(3), 3), (7, 7), ("last", None), (2.5, None)])
+def test_epoch_entry_is_read_leniently(tmp_path, epoch, expected):
+    path = tmp_path / "e.pth"
+    torch.save({"state_dict": _model().state_dict(), "epoch": epoch}, path)
+    _, info = checkpoint_io.load_model(path, "vim_tiny", **SMALL)
+    assert info["epoch"] == expected
 
 
 def test_model_args_device_and_dtype_are_ignored(tmp_path):
@@ -188,6 +195,14 @@ def test_loading_into_another_architecture_warns(tmp_path, caplog):
         model, info = checkpoint_io.load_model(path, "vim_tiny_stride8", **SMALL)  # loads: pos_embed resampled
     assert info["model"].startswith("vim_tiny_patch16_stride8")
     assert "holds vim_tiny_patch16_224" in caplog.text and "into vim_tiny_patch16_stride8" in caplog.text
+    caplog.clear()
+    strided = tmp_path / "stride8.pth"  # the stored overrides say stride 8: no warning
+    checkpoint_io.save_checkpoint(strided, _model(stride=8))
+    with caplog.at_level("WARNING", logger="checkpoint_io"):
+        model, _ = checkpoint_io.load_model(strided)
+        torch.save(_model(stride=8).state_dict(), tmp_path / "bare.pth")  # given as overrides: no warning
+        checkpoint_io.load_model(tmp_path / "bare.pth", "vim_tiny", **SMALL, stride=8)
+    assert model.patch_embed.proj.stride == (8, 8) and not caplog.records
 
 
 def test_strict_mismatch_lists_keys_in_one_message(tmp_path):
@@ -287,6 +302,12 @@ def test_convert_checkpoint_refuses_a_name_the_weights_do_not_fit(tmp_path):
     assert after < 0.6 * before
     _, info = checkpoint_io.load_model(src)
     assert info["model"].startswith("vim_tiny_patch16_224")
+    strided = tmp_path / "stride8.pth"  # its stored overrides (stride 8) make it a vim_tiny: converted
+    checkpoint_io.save_checkpoint(strided, models_mamba.create_model("vim_tiny", stride=8, img_size=64))
+    assert _convert(strided, tmp_path / "s8.pth").returncode == 0
+    with pytest.raises(SystemExit) as usage:
+        _convert(src, tmp_path / "x.pth", "--model", "vim_tinyy")
+    assert usage.value.code == 2
 
 
 def test_dynamic_int8_runs_and_stays_close():

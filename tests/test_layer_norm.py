@@ -54,6 +54,15 @@ def test_formula_with_residual_and_prenorm(fn, formula, dtype):
             assert result[1].dtype == dtype and rel_err(result[1], s) <= tol
 
 
+@pytest.mark.parametrize("fn,formula", [(rms_norm_fn, rms64), (layer_norm_fn, layer64)])
+def test_without_weight(fn, formula):
+    """elementwise_affine=False norms have no weight: the formula with weight 1."""
+    x, residual, _, bias = make(torch.float64, seed=3)
+    out, s = fn(x, None, None, residual=residual, eps=1e-5, prenorm=True)
+    assert rel_err(out, formula(x + residual, torch.ones(x.shape[-1], dtype=torch.float64), None, 1e-5)) <= 1e-12
+    assert rel_err(s, x + residual) <= 1e-12
+
+
 def test_layer_norm_fn_is_rms_norm():
     x, residual, weight, bias = make()
     got = layer_norm_fn(x, weight, bias, residual=residual, eps=1e-5, is_rms_norm=True)

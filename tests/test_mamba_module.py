@@ -413,3 +413,14 @@ def test_block_residual_in_fp32_with_half_inputs():
         assert out.dtype == torch.bfloat16 and residual.dtype == torch.float32
         out, residual = block(out, residual)
         assert residual.dtype == torch.float32 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("fused_add_norm", [False, True])
+def test_block_with_a_layer_norm_without_affine_parameters(fused_add_norm):
+    block = Block(D_MODEL, functools.partial(Mamba, d_state=D_STATE, bimamba_type="v2"), fused_add_norm=fused_add_norm,
+                  norm_cls=functools.partial(nn.LayerNorm, eps=1e-5, elementwise_affine=False)).eval()
+    h1, h2 = hidden_states(seed=1), hidden_states(seed=2)
+    with torch.no_grad():
+        out, residual = block(h2, h1)
+        want = block.mixer(F.layer_norm((h1.double() + h2.double()), (D_MODEL,), eps=1e-5).float())
+    assert rel_err(residual, h1.double() + h2.double()) <= 1e-7 and rel_err(out, want) <= 1e-4

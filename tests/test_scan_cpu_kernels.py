@@ -93,10 +93,14 @@ def test_nan_and_overflow_show_as_in_torch_exp(backend):
     want_y, want_last = oracle(t["dt"], t["x"], At, t["B"], t["C"], t["D"])
     assert torch.equal(torch.isnan(y[1:]), torch.isnan(want_y[1:])) and torch.isnan(y[1:, 0, 0, 5]).all()
     assert torch.equal(torch.isnan(last), torch.isnan(want_last))
-    At = t["At"].clone()
+    dt, x, B, C, h0 = t["dt"][:1], torch.zeros_like(t["x"][:1]), t["B"][:1], t["C"][:1], torch.ones_like(t["h0"])
+    At = torch.full_like(t["At"], -1.0)
     At[1, 0, 2, 7] = 1e4  # exp(dt * 1e4) overflows float32
-    _, last = fast.scan_state_nd(t["dt"], t["x"], At, t["B"], t["C"], None, torch.ones_like(t["h0"]))
+    At[1, 0, 3, 8] = 88.5 / float(dt[0, 1, 0, 8])  # exp(88.5) = 2.7e38: just below float32's maximum
+    _, last = fast.scan_state_nd(dt, x, At, B, C, None, h0)  # one step from h0 = 1: last = exp(dt A)
     assert torch.isinf(last[1, 0, 2, 7]) and torch.isfinite(last[0]).all()
+    want = torch.exp(dt[0].double().unsqueeze(-2) * At.double())
+    assert abs(float(last[1, 0, 3, 8]) / float(want[1, 0, 3, 8]) - 1) < 1e-5
 
 
 def test_torch_kernel_chunk_boundaries_and_shape_changes(monkeypatch):

@@ -15,6 +15,7 @@ released file costs about its 28 MB of weights in RSS, not its full size.
 import argparse
 import logging
 import math
+import operator
 import os
 import pickle
 import re
@@ -113,11 +114,17 @@ def extract_state_dict(obj, *, ema=False, source="checkpoint"):
 def _checked_meta(meta, source):
     """The metadata with the types load_model relies on, or a CheckpointError naming the entry.
     'device'/'dtype' in model_args are dropped: they say where a model was built, not what it is."""
-    kinds = {"epoch": int, "model_name": str, "model_args": dict, "input_size": int}
+    epoch = meta.get("epoch")
+    try:  # only reported: an epoch stored as a tensor or a numpy integer is fine, anything else ignored
+        meta = {**meta, "epoch": None if epoch is None or isinstance(epoch, bool) else operator.index(epoch)}
+    except TypeError:
+        meta = {**meta, "epoch": None}
+    kinds = {"model_name": str, "model_args": dict, "input_size": int}
     for key, kind in kinds.items():
         value = meta.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise CheckpointError(f"{source}: its '{key}' entry is a {type(value).__name__}, not a {kind.__name__}")
+            raise CheckpointError(f"{source}: its '{key}' entry must be of type {kind.__name__}, "
+                                  f"got {type(value).__name__}")
     args = meta.get("model_args")
     if args is not None:
         if not all(isinstance(k, str) for k in args):
@@ -156,11 +163,16 @@ def infer_architecture(state_dict, img_size=224):
     return arch
 
 
+def fits(arch, name, overrides=None):
+    """Whether weights of architecture `arch` (from `infer_architecture`) are those of registered
+    model `name` built with constructor `overrides`."""
+    expected = {**models_mamba.model_architecture(name), **(overrides or {})}
+    return all(expected.get(k) == arch.get(k) for k in ("embed_dim", "depth", "patch_size", "stride"))
+
+
 def fitting_models(arch):
-    """Registered names whose architecture matches `arch` (at 224 pixels)."""
-    return [name for name in models_mamba.list_models()
-            if all(models_mamba.model_architecture(name).get(k) == arch.get(k) for k in ("embed_dim", "depth",
-                                                                                       "patch_size", "stride"))]
+    """Registered names whose architecture (with its defaults) matches `arch`."""
+    return [name for name in models_mamba.list_models() if fits(arch, name)]
 
 
 def _describe_mismatch(model, state_dict, limit=8):
@@ -260,10 +272,8 @@ def load_model(checkpoint_path, model_name=None, *, ema=False, trust_pickle=Fals
         raise CheckpointError(f"cannot build {name} with {kwargs} (from {source} and the options given): "
                               f"{err}") from None
     load_into(model, state_dict, source=source, fitting=[f for f in fitting if f != name])
-    fits = {models_mamba.resolve_model_name(f) for f in fitting if models_mamba.is_model(f)}
-    if fits and name not in fits:
-        _log.warning("warning: %s holds %s weights; loading them into %s as asked",
-                     source, " / ".join(sorted(fits)), name)
+    if fitting and not fits(arch, name, kwargs):
+        _log.warning("warning: %s holds %s weights; loading them into %s as asked", source, " / ".join(fitting), name)
     model.model_overrides = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
     model.eval()
     info = {"model": name, "checkpoint": source, "num_classes": arch["num_classes"], "input_size": kwargs["img_size"],

@@ -11,8 +11,8 @@ Constructor arguments, parameter names (checkpoint keys) and results are upstrea
   - on the "fast" backend a "v2" mixer runs both directions stacked (`mamba_ssm.ops.bimamba_v2`);
     in eval mode without autograd it also caches its derived constants (A = -exp(A_log), stacked
     weights) until a parameter changes (in place, replaced, reloaded) or train()/eval() is
-    called; writes through `param.data` or other aliases (`.detach()`, `.numpy()`) are
-    invisible to PyTorch's version counters, so call eval() again after them. Parameters that
+    called; writes through `param.data` or a `.numpy()` view are invisible to PyTorch's version
+    counters, so call eval() again after them. Parameters that
     are inference tensors (made under inference_mode) have no version counter: no caching;
   - Linear layers may be replaced by dynamically quantized ones (they have no `.weight`
     tensor): modules are called, or their weights dequantized, as needed.
@@ -203,7 +203,7 @@ class Mamba(nn.Module):
         return tuple(id(m) for m in modules) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
 
     def train(self, mode=True):
-        # Writes through `.data` (or .detach()/.numpy() aliases) bypass the version counters the cache key reads; switching
+        # Writes through `.data` (or a .numpy() view) bypass the version counters the cache key reads; switching
         # mode (model.eval()) is the documented way to refresh after them.
         self._constants = None
         return super().train(mode)
@@ -343,7 +343,8 @@ class Block(nn.Module):
         """hidden_states, residual: (b, l, dim) -> (hidden_states, residual)."""
         if not self.fused_add_norm:
             residual = hidden_states if residual is None else residual + self.drop_path(hidden_states)
-            hidden_states = self.norm(residual.to(dtype=self.norm.weight.dtype))
+            weight = self.norm.weight  # None for a norm without elementwise affine parameters
+            hidden_states = self.norm(residual if weight is None else residual.to(dtype=weight.dtype))
             if self.residual_in_fp32:
                 residual = _fp32(residual)
         else:

@@ -14,8 +14,9 @@ over such buffers), and a whole scan is one parallel region instead of hundreds 
 float32 exp(dt A) is computed as 2^(dt A log2 e): 2^k from the exponent bits times a degree-6
 polynomial for 2^r, |r| <= 1/2 (Cephes' exp2f coefficients, about 1 ulp), written so that LLVM
 vectorizes it: numba has no vector math library on these machines and a `math.exp` call keeps
-the loop scalar. Results below 2^-126 give 0 instead of a subnormal (an absolute difference
-below 1.2e-38); overflow gives inf and NaN stays NaN, as with torch.exp. float64 uses math.exp.
+the loop scalar. Results below 2^-125 are rounded to 0 or 2^-125 instead of a subnormal (an
+absolute difference below 2.4e-38); overflow gives inf and NaN stays NaN, as with torch.exp.
+float64 uses math.exp.
 
 Compiled code is cached on disk (numba's cache=True: in __pycache__ next to this file, or the
 user's cache directory when that is not writable), so only the first run on a machine compiles
@@ -54,19 +55,20 @@ def _exp2_overload(x):
 
     def exp2f(x):
         x0 = x
-        x = min(max(x, np.float32(-126.0)), np.float32(127.0))
-        k = np.floor(x + np.float32(0.5))  # 2^x = 2^k * 2^r, r in [-1/2, 1/2]
+        x = min(max(x, np.float32(-125.0)), np.float32(128.0))
+        k = np.floor(x + np.float32(0.5))  # 2^x = 2^(k-1) * 2^(r+1), r in [-1/2, 1/2]
         r = x - k
-        p = np.float32(1.535336188319500e-4)
-        p = p * r + np.float32(1.339887440266574e-3)
-        p = p * r + np.float32(9.618437357674640e-3)
-        p = p * r + np.float32(5.550332471162809e-2)
-        p = p * r + np.float32(2.402264791363012e-1)
-        p = p * r + np.float32(6.931472028550421e-1)
-        p = p * r + np.float32(1.0)
-        scale = _int_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k
-        out = p * scale if x0 > np.float32(-126.0) else np.float32(0.0)
-        out = out if x0 < np.float32(128.0) else np.float32(np.inf)
+        # 2 * 2^r: Cephes' coefficients doubled (exactly), so that 2^(k-1) is a normal float32
+        # for every k in [-125, 128] and results up to float32's maximum come out finite
+        p = np.float32(3.070672376639000e-4)
+        p = p * r + np.float32(2.679774880533148e-3)
+        p = p * r + np.float32(1.923687471534928e-2)
+        p = p * r + np.float32(1.110066494232562e-1)
+        p = p * r + np.float32(4.804529582726024e-1)
+        p = p * r + np.float32(1.386294405710084)
+        p = p * r + np.float32(2.0)
+        scale = _int_bits_as_float32((np.int32(k) + np.int32(126)) << np.int32(23))  # 2^(k-1)
+        out = p * scale if x0 > np.float32(-126.0) else np.float32(0.0)  # past float32's range: inf
         return out if x0 == x0 else x0  # NaN (a diverged A or dt) must show, as in torch.exp
 
     return exp2f

@@ -40,10 +40,12 @@ def _finish(out, s, x, prenorm, residual_dtype):
 
 
 def rms_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False):
-    """x, residual: (..., hidden); weight, bias: (hidden,). See the module docstring."""
+    """x, residual: (..., hidden); weight, bias: (hidden,) or None. See the module docstring."""
     _check_norm_args(x, weight, bias, residual)
     s, residual_dtype = _add_residual(x, residual, residual_in_fp32)
-    out = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * weight.to(s.dtype)
+    out = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.to(s.dtype)
     if bias is not None:
         out = out + bias.to(s.dtype)
     return _finish(out, s, x, prenorm, residual_dtype)
@@ -56,7 +58,8 @@ def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, resid
         return rms_norm_fn(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
     _check_norm_args(x, weight, bias, residual)
     s, residual_dtype = _add_residual(x, residual, residual_in_fp32)
-    out = F.layer_norm(s, s.shape[-1:], weight.to(s.dtype), None if bias is None else bias.to(s.dtype), eps)
+    out = F.layer_norm(s, s.shape[-1:], None if weight is None else weight.to(s.dtype),
+                       None if bias is None else bias.to(s.dtype), eps)
     return _finish(out, s, x, prenorm, residual_dtype)
 
 
