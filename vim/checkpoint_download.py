@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-__all__ = ["DEFAULT_CHECKPOINT_URL", "DownloadError", "default_cache_dir", "resolve_checkpoint"]
+__all__ = ["DEFAULT_CHECKPOINT_URL", "DownloadError", "default_cache_dir", "publish_temp_file", "resolve_checkpoint"]
 
 # Released Vim-Tiny weights (76.1 % top-1), see the reference doc section 5.
 DEFAULT_CHECKPOINT_URL = (
@@ -96,10 +96,7 @@ def _download(url: str, dest: Path, progress: bool):
             with os.fdopen(fd, "wb") as out:
                 _copy(response, out, url, dest.name if progress else None)
             _check_looks_like_checkpoint(tmp, url)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a cached checkpoint reads like any file
-            os.replace(tmp, dest)
+            publish_temp_file(tmp, dest)
         except OSError as e:  # read errors are DownloadErrors already, so this is the disk
             Path(tmp).unlink(missing_ok=True)
             raise DownloadError(f"cannot write the checkpoint to {dest.parent}: {e.strerror or e}") from e
@@ -107,6 +104,15 @@ def _download(url: str, dest: Path, progress: bool):
             # Also on Ctrl-C: a half file must not survive.
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def publish_temp_file(tmp, dest):
+    """Rename the finished temporary file `tmp` to `dest`, first giving it the permissions a
+    newly created file gets (mkstemp makes 0600: a checkpoint should read like any file)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, dest)
 
 
 def _copy(response, out, url: str, progress_name):

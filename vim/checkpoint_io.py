@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import models_mamba
+from checkpoint_download import publish_temp_file
 
 _log = logging.getLogger("checkpoint_io")
 
@@ -296,10 +297,7 @@ def _atomic_save(obj, path):
             torch.save(obj, tmp)
         except RuntimeError as exc:  # torch's zip writer reports a full disk this way
             raise OSError(f"cannot write {path}: {exc}") from None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved checkpoint reads like any file
-        os.replace(tmp, path)
+        publish_temp_file(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise

@@ -253,8 +253,7 @@ def _ms_since(start: float) -> float:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if hasattr(sys.stdout, "reconfigure"):  # print file names that are not valid UTF-8, escaped
-        sys.stdout.reconfigure(errors="backslashreplace")
+    runtime.escape_unencodable_stdout()
     device = check_args(parser, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr)

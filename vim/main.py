@@ -185,9 +185,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tor
             parser.error(f"{flag} must be in [0, 1), got {value}")
     if args.output_dir and not args.eval:
         out = Path(args.output_dir)
-        for path in [out] + [out / name for name in OUTPUT_FILES]:
-            if path.exists() and path.is_dir() != (path == out):
-                parser.error(f"--output-dir: {path} is {'not ' if path == out else ''}a directory")
+        if out.exists() and not out.is_dir():
+            parser.error(f"--output-dir: {out} is not a directory")
+        for path in (out / name for name in OUTPUT_FILES):
+            if path.is_dir():
+                parser.error(f"--output-dir: {path} is a directory")
     return runtime.check_common_args(parser, args.model, args.device)
 
 
@@ -494,8 +496,7 @@ def _message(exc: Exception) -> str:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if hasattr(sys.stdout, "reconfigure"):  # print file names that are not valid UTF-8, escaped
-        sys.stdout.reconfigure(errors="backslashreplace")
+    runtime.escape_unencodable_stdout()
     device = check_args(parser, args)
     rank = 0
     try:

@@ -80,6 +80,13 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def escape_unencodable_stdout() -> None:
+    """Print what stdout's encoding cannot hold (e.g. a file name that is not valid UTF-8)
+    backslash-escaped instead of failing with UnicodeEncodeError."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def check_common_args(parser, model_name, device_name):
     """The checks infer_rpi.py and main.py share, as usage errors (parser.error, exit 2): the
     model name, the SELECTIVE_SCAN_CPU_BACKEND setting, and the device (cpu, or cuda when
