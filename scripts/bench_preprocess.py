@@ -19,9 +19,7 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "vim"))
-
-from image_preprocess import ImageError, load_image, preprocess_image, resize_size  # noqa: E402
+from vim_rpi.image_preprocess import ImageError, load_image, preprocess_image, resize_size
 
 
 def camera_like_jpeg(path: pathlib.Path, width: int, height: int, seed: int = 0) -> None:

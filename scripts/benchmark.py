@@ -32,8 +32,8 @@ The table goes to stdout, progress to stderr.
 """
 
 import argparse
-import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -50,18 +50,13 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mamba_ssm
+import vim_rpi
+from vim_rpi import checkpoint_io, quantization, runtime
+
 VIM_DIR = pathlib.Path(__file__).resolve().parent.parent / "vim"
-sys.path.insert(0, str(VIM_DIR))
-
-import mamba_ssm  # noqa: E402
-from mamba_ssm.ops.selective_scan_fast import CPU_BACKEND_ENV, numba_installed  # noqa: E402
-import checkpoint_io  # noqa: E402
-import models_mamba  # noqa: E402
-import quantization  # noqa: E402
-import runtime  # noqa: E402
-
 THROUGHPUT_BATCH = 8
-HAS_NUMBA = numba_installed()
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
 TINY = dict(depth=2, img_size=32)  # --tiny: 5 tokens, 2 layers; same widths as the real models
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
@@ -117,8 +112,8 @@ def build_parser():
 
 
 def check_args(parser, args):
-    if not models_mamba.is_model(args.model):
-        names = ", ".join(models_mamba.list_models(include_aliases=True))
+    if not vim_rpi.is_model(args.model):
+        names = ", ".join(vim_rpi.list_models(include_aliases=True))
         parser.error(f"unknown model {args.model!r}; choose one of {names}")
     for name in ("repeats", "ref_repeats", "batch_repeats"):
         if getattr(args, name) < 1:
@@ -146,13 +141,13 @@ def model_kwargs(args):
 
 
 def image_size(args):
-    return TINY["img_size"] if args.tiny else models_mamba.pretrained_cfg(args.model)["input_size"][-1]
+    return TINY["img_size"] if args.tiny else vim_rpi.pretrained_cfg(args.model)["input_size"][-1]
 
 
 def build_models(args):
     """name -> eval-mode model: "vim" (fp32), "vim int8", "deit"."""
     torch.manual_seed(0)
-    vim = models_mamba.create_model(args.model, **model_kwargs(args)).eval()
+    vim = vim_rpi.create_model(args.model, **model_kwargs(args)).eval()
     deit = DeiTTiny(img_size=image_size(args), depth=TINY["depth"] if args.tiny else 12).eval()
     return {"vim": vim, "vim int8": quantization.quantize_model(vim, "dynamic-int8"), "deit": deit}
 
@@ -173,23 +168,8 @@ def plan(args):
     return variants
 
 
-@contextlib.contextmanager
-def _scan_kernel(name):
-    """SELECTIVE_SCAN_CPU_BACKEND=name for the duration (the variable is read per call)."""
-    old = os.environ.get(CPU_BACKEND_ENV)
-    os.environ[CPU_BACKEND_ENV] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[CPU_BACKEND_ENV]
-        else:
-            os.environ[CPU_BACKEND_ENV] = old
-
-
 def _forward(model, x, backend):
-    kernel = "torch" if backend == "ref" else backend
-    with torch.inference_mode(), _scan_kernel(kernel), mamba_ssm.use_backend("ref" if backend == "ref" else "fast"):
+    with torch.inference_mode(), mamba_ssm.use_backend(backend):
         return model(x)
 
 
@@ -316,7 +296,7 @@ def _write_inputs(args, root):
     from PIL import Image
 
     torch.manual_seed(0)
-    model = models_mamba.create_model(args.model, **model_kwargs(args))
+    model = vim_rpi.create_model(args.model, **model_kwargs(args))
     checkpoint = root / "random-weights.pth"
     checkpoint_io.save_checkpoint(checkpoint, model)
     generator = torch.Generator().manual_seed(0)
@@ -345,7 +325,8 @@ def process_measurements(args):
         outputs = {}
         for key, (command, kernel) in commands.items():
             _log(f"fresh process: {key}")
-            env = _clean_env(VIM_RPI_CACHE=str(root / "cache"), **{CPU_BACKEND_ENV: kernel})
+            env = _clean_env(VIM_RPI_CACHE=str(root / "cache"))
+            command = command + (["--backend", kernel] if key.startswith("infer_rpi") else [])
             done = subprocess.run(_via_small_parent(command), env=env, capture_output=True, text=True, timeout=600)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
@@ -373,7 +354,7 @@ def fault_probe(args):
     with glibc's default malloc, then again after runtime.tune_malloc()."""
     runtime.set_threads(1)
     torch.manual_seed(0)
-    model = models_mamba.create_model(args.model, **model_kwargs(args)).eval()
+    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval()
     x = torch.randn(1, 3, image_size(args), image_size(args))
     runs = 1 if args.quick else 5
     default = _faults_per_forward(model, x, runs)
@@ -385,7 +366,7 @@ def fault_probe(args):
 # ---- report -----------------------------------------------------------------------------------
 
 def run(args):
-    report = {"config": {"model": models_mamba.resolve_model_name(args.model), "image_size": image_size(args),
+    report = {"config": {"model": vim_rpi.resolve_model_name(args.model), "image_size": image_size(args),
                          "tiny": args.tiny, "repeats": args.repeats, "ref_repeats": args.ref_repeats,
                          "batch_repeats": args.batch_repeats, "warmup": args.warmup, "threads": args.threads}}
     if not args.no_processes:

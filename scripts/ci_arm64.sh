@@ -201,7 +201,8 @@ make_profile_root() {
 # qemu. sitecustomize points sys.executable here, so guest subprocesses work without binfmt.
 write_wrapper() {
     local wrapper=$1 root=$2 sysroot=$3 site=$4 cpu=$5 name=$6 pythonpath
-    pythonpath=$HERE/guest-site:$site:$REPO/causal-conv1d:$REPO/mamba-1p1p1
+    # vim_rpi is the vim/ directory under the package's own name (pip install -e . maps it so)
+    pythonpath=$HERE/guest-site:$site:$REPO/causal-conv1d:$REPO/mamba-1p1p1:$RUN/packages
     {
         echo '#!/usr/bin/env bash'
         echo "# aarch64 python 3.11 as profile $name ($cpu) under qemu user mode (ci_arm64.sh)"
@@ -255,8 +256,7 @@ start_profile() {
     make_profile_root "$dir/root" "$sysroot" "$midr" "$features" "$model" "$revision"
     write_wrapper "$dir/python3" "$dir/root" "$sysroot" "$site" "$cpu" "$name"
     log "$name: running the checks as a $model ($cpu)"
-    # vim/ is a flat directory of modules: the checks import them the way tests/conftest.py does.
-    (cd "$dir" && PYTHONPATH=$REPO/vim exec timeout -k 10 "$TIMEOUT" "$dir/python3" -m pytest \
+    (cd "$dir" && exec timeout -k 10 "$TIMEOUT" "$dir/python3" -m pytest \
         -q -rfEs --durations=5 -p no:cacheprovider --noconftest -c /dev/null \
         --rootdir "$REPO/tests/arm64" -o python_files='check_*.py' --basetemp "$dir/tmp" \
         --junitxml "$dir/report.xml" "${PYTEST_ARGS[@]}" "$REPO/tests/arm64") >"$dir/log" 2>&1 &
@@ -298,6 +298,8 @@ main() {
     rm -rf "$CACHE"/.build-*  # left by an interrupted build
 
     RUN=$(mktemp -d "${TMPDIR:-/tmp}/vim-arm64.XXXXXX")
+    mkdir "$RUN/packages"
+    ln -s "$REPO/vim" "$RUN/packages/vim_rpi"
     arm64_sources >"$RUN/sources.list"
     package_list >"$RUN/packages"
 

@@ -11,12 +11,8 @@ checkpoint; with --half the weights are stored as float16 and turned back into f
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vim"))
-
-import checkpoint_io  # noqa: E402
-import models_mamba  # noqa: E402
+from vim_rpi import checkpoint_io, factory, registry
 
 
 def _mb(path):
@@ -26,9 +22,9 @@ def _mb(path):
 def _checked_name(args, name, arch, overrides):
     """The registered name to record; refused when the weights are a registered model's and
     `name` built with the file's stored overrides is another architecture (it would not load)."""
-    name = models_mamba.resolve_model_name(name)
-    fitting = checkpoint_io.fitting_models(arch)
-    if fitting and not checkpoint_io.fits(arch, name, overrides):
+    name = registry.resolve_model_name(name)
+    fitting = factory.fitting_models(arch)
+    if fitting and not factory.fits(arch, name, overrides):
         raise ValueError(f"{args.input} holds {' / '.join(fitting)} weights, not {name}")
     return name
 
@@ -47,7 +43,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.model is not None:
         try:
-            models_mamba.resolve_model_name(args.model)
+            registry.resolve_model_name(args.model)
         except ValueError as err:
             parser.error(str(err))
     try:
@@ -55,7 +51,7 @@ def main(argv=None):
         overrides = meta.get("model_args") or {}
         arch = checkpoint_io.infer_architecture(state_dict,
                                                 img_size=overrides.get("img_size") or meta.get("input_size") or 224)
-        fitting = checkpoint_io.fitting_models(arch)
+        fitting = factory.fitting_models(arch)
         name = args.model or meta.get("model_name") or (fitting[0] if fitting else None)
         if name is not None:
             name = _checked_name(args, name, arch, overrides)

@@ -61,19 +61,17 @@ torch_pkgs=("torch==$TORCH_VERSION")
 "${pip[@]}" "${index[@]}" "${torch_pkgs[@]}"
 
 echo "== installing the other dependencies"
-"${pip[@]}" "einops>=0.6" "numpy>=1.22" "pillow>=9.1"
+"${pip[@]}" "numpy>=1.22" "pillow>=9.1" "tqdm>=4.60"
 [ "$EXTRAS" = 0 ] || "${pip[@]}" "timm>=0.9"
-"${pip[@]}" -e causal-conv1d -e mamba-1p1p1
+"${pip[@]}" -e causal-conv1d -e mamba-1p1p1 -e .
 
 echo "== smoke test"
 "$VENV/bin/python" - <<'PY'
-import sys
-sys.path.insert(0, "vim")
 import torch
 import mamba_ssm
-import models_mamba
+import vim_rpi
 
-model = models_mamba.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64).eval()
+model = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64).eval()
 with torch.inference_mode():
     logits = model(torch.randn(1, 3, 64, 64))
 assert logits.shape == (1, 1000) and torch.isfinite(logits).all()

@@ -1,10 +1,5 @@
-import pathlib
-import sys
-
 import pytest
 import torch
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "vim"))
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
-"""Backend choice of causal_conv1d and mamba_ssm: environment variables read per call, the
-use_backend context managers, routing to upstream's compiled modules, import safety, install.
+"""Backend choice of causal_conv1d and mamba_ssm (`causal_conv1d.backends`): environment
+variables read per call, use_backend, routing to upstream's compiled modules, explicit choices
+that cannot run, import safety, install.
 
-There is no GPU here: a "CUDA tensor" is a CPU tensor whose `is_cuda` says True (the switches
-decide on `x.is_cuda`), and the compiled modules `causal_conv1d_cuda` / `selective_scan_cuda`
+There is no GPU here: a "CUDA tensor" is a CPU tensor whose `is_cuda` says True (the backend
+module decides on `x.is_cuda`), and the compiled modules `causal_conv1d_cuda` / `selective_scan_cuda`
 are test doubles placed in sys.modules that record their calls and return correct results.
 """
 
@@ -24,8 +25,7 @@ import torch.nn.functional as F
 import causal_conv1d
 import mamba_ssm
 from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from causal_conv1d import causal_conv1d_interface as conv_interface
-from mamba_ssm.ops import backends as scan_backends
+from causal_conv1d import backends
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 from test_causal_conv1d import conv_oracle, make_inputs, rel_err
 from test_mamba_module import hidden_states, make_mixer, mixer_oracle, params64
@@ -109,13 +109,13 @@ def scan_double(calls):
 
 @pytest.fixture
 def clean(monkeypatch):
-    """No variable set, no extension module, and the one-time warnings re-armed."""
+    """No variable set, no extension module, the torch CPU scan, and the one-time warnings re-armed."""
     monkeypatch.delenv(CONV_ENV, raising=False)
     monkeypatch.delenv(SCAN_ENV, raising=False)
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "torch")
     for name in (CONV_EXT, SCAN_EXT):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    for switch in (conv_interface.switch, scan_backends.switch):
-        monkeypatch.setattr(switch, "_warned_cuda_fallback", False)
+    monkeypatch.setattr(backends, "_warned", set())
     return monkeypatch
 
 
@@ -149,7 +149,7 @@ def test_forced_fallback_ignores_importable_extension(doubles, clean, value):
     clean.setenv(CONV_ENV, value)
     clean.setenv(SCAN_ENV, value)
     x = fake_cuda(torch.randn(2, 4, 6))
-    assert which_both(x) == ("fast", "fast")
+    assert which_both(x) == ("torch", "torch")
     out, want = conv_call(x)
     assert rel_err(out, want) <= 1e-4
     (out, last), inputs = scan_call(u=fake_cuda(make_scan_inputs(2, 4, 3, 6, seed=2)["u"]))
@@ -164,7 +164,7 @@ def test_not_forced_routes_cuda_tensors_to_extension(doubles, clean, value):
         clean.setenv(SCAN_ENV, value)
     x = fake_cuda(torch.randn(2, 4, 6))
     assert which_both(x) == ("cuda", "cuda")
-    assert which_both(torch.randn(2, 4, 6)) == ("fast", "fast")  # CPU tensors never go to CUDA
+    assert which_both(torch.randn(2, 4, 6)) == ("torch", "torch")  # CPU tensors never go to CUDA
     out, want = conv_call(x)
     assert doubles == ["conv_fwd"] and rel_err(out, want) <= 1e-6
     inputs = make_scan_inputs(2, 4, 3, 6, seed=2)
@@ -191,7 +191,7 @@ def test_variables_are_read_per_call(doubles, clean):
     # the two variables are independent
     clean.setenv(CONV_ENV, "TRUE")
     clean.delenv(SCAN_ENV)
-    assert which_both(x) == ("fast", "cuda")
+    assert which_both(x) == ("torch", "cuda")
 
 
 def test_extension_backward_and_update_are_routed(doubles):
@@ -231,12 +231,12 @@ def test_cuda_tensor_without_extension_warns_once(clean):
         conv_call(x)
     assert len(record) == 1 and rel_err(out, want) <= 1e-4
     with pytest.warns(RuntimeWarning, match=SCAN_ENV) as record:
-        assert mamba_ssm.which_backend(x) == "fast"
+        assert mamba_ssm.which_backend(x) == "torch"
         scan_call(u=fake_cuda(make_scan_inputs(2, 4, 3, 6, seed=2)["u"]))
     assert len(record) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert which_both(x) == ("fast", "fast")
+        assert which_both(x) == ("torch", "torch")
 
 
 def test_forced_fallback_does_not_warn(clean):
@@ -244,23 +244,23 @@ def test_forced_fallback_does_not_warn(clean):
     clean.setenv(SCAN_ENV, "TRUE")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert which_both(fake_cuda(torch.randn(2, 4, 6))) == ("fast", "fast")
+        assert which_both(fake_cuda(torch.randn(2, 4, 6))) == ("torch", "torch")
 
 
 @pytest.mark.parametrize("package", [causal_conv1d, mamba_ssm])
 def test_use_backend_context_manager(clean, package):
     x = torch.randn(2, 4, 6)
-    assert package.which_backend(x) == "fast"
+    assert package.which_backend(x) == "torch"
     with package.use_backend("ref"):
         assert package.which_backend(x) == "ref"
-        with package.use_backend("fast"):
-            assert package.which_backend(x) == "fast"
+        with package.use_backend("torch"):
+            assert package.which_backend(x) == "torch"
         assert package.which_backend(x) == "ref"
         with pytest.raises(KeyError):
-            with package.use_backend("fast"):
+            with package.use_backend("torch"):
                 raise KeyError("boom")
         assert package.which_backend(x) == "ref"
-    assert package.which_backend(x) == "fast"
+    assert package.which_backend(x) == "torch"
     # the override wins over the variable, and holds for this thread only
     clean.setenv(CONV_ENV, "TRUE")
     clean.setenv(SCAN_ENV, "TRUE")
@@ -270,16 +270,16 @@ def test_use_backend_context_manager(clean, package):
         thread = threading.Thread(target=lambda: seen.append(package.which_backend(x)))
         thread.start()
         thread.join()
-    assert seen == ["fast"]
+    assert seen == ["torch"]
 
 
 @pytest.mark.parametrize("package", [causal_conv1d, mamba_ssm])
 def test_use_backend_errors(clean, package):
     x = torch.randn(2, 4, 6)
-    with pytest.raises(ValueError, match=r"unknown backend 'gpu'.*cuda.*fast.*ref"):
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'.*auto.*ref.*torch.*numba.*cuda"):
         with package.use_backend("gpu"):
             pass
-    assert package.which_backend(x) == "fast"
+    assert package.which_backend(x) == "torch"
     if importlib.util.find_spec(CONV_EXT) is None and importlib.util.find_spec(SCAN_EXT) is None:
         with package.use_backend("cuda"), pytest.raises(RuntimeError, match="_cuda"):
             package.which_backend(fake_cuda(x))
@@ -297,15 +297,77 @@ def test_use_backend_cuda_with_extension(doubles, clean, package):
 
 def test_backend_report(doubles, clean):
     x = torch.randn(2, 4, 6)
-    clean.setenv("SELECTIVE_SCAN_CPU_BACKEND", "torch")
     assert mamba_ssm.backend_report(fake_cuda(x)) == {
-        "selective_scan": "cuda", "causal_conv1d": "cuda", "cpu_scan_kernel": "torch",
-        "selective_scan_cuda_importable": True, "causal_conv1d_cuda_importable": True}
+        "backend": "auto", "causal_conv1d": "cuda", "selective_scan": "cuda", "cpu_scan_setting": "torch",
+        "causal_conv1d_cuda_importable": True, "selective_scan_cuda_importable": True}
     clean.setenv(SCAN_ENV, "1")
     report = mamba_ssm.backend_report(x)
-    assert report["selective_scan"] == "fast" and report["causal_conv1d"] == "fast"
+    assert report["selective_scan"] == "torch" and report["causal_conv1d"] == "torch"
     with mamba_ssm.use_backend("ref"):
         assert mamba_ssm.backend_report(x)["selective_scan"] == "ref"
+    with mamba_ssm.use_backend("cuda"):  # a choice that cannot run is reported, not raised
+        assert mamba_ssm.backend_report(x)["selective_scan"].startswith("error: backend 'cuda' needs CUDA tensors")
+    assert causal_conv1d.backend_report is mamba_ssm.backend_report
+
+
+def test_one_choice_for_both_packages(clean):
+    """The packages share one backend module: one use_backend, one override."""
+    x = torch.randn(2, 4, 6)
+    assert causal_conv1d.use_backend is mamba_ssm.use_backend
+    with causal_conv1d.use_backend("ref"):
+        assert which_both(x) == ("ref", "ref")
+        with mamba_ssm.use_backend("auto"):  # "auto" undoes an outer choice
+            assert which_both(x) == ("torch", "torch")
+        assert backends.current_backend() == "ref"
+    assert backends.current_backend() == "auto"
+
+
+def test_query_matches_what_runs(clean, monkeypatch):
+    """which_backend names the implementation the next call runs."""
+    ran = []
+    from mamba_ssm.ops import selective_scan_interface as ssi
+    from causal_conv1d import causal_conv1d_interface as cci
+    for name in ("torch", "ref"):
+        monkeypatch.setitem(ssi._SCAN_IMPLS, name, lambda *a, name=name: ran.append(("scan", name)))
+        monkeypatch.setitem(cci._FN_IMPLS, name, lambda *a, name=name, **k: ran.append(("conv", name)))
+    x = torch.randn(2, 4, 6)
+    for choice in ("auto", "torch", "ref"):
+        with mamba_ssm.use_backend(choice):
+            scan_call()
+            conv_call(x)
+            assert ran[-2:] == [("scan", mamba_ssm.which_backend(x)), ("conv", causal_conv1d.which_backend(x))]
+
+
+def test_explicit_numba_that_cannot_run_raises(clean, monkeypatch):
+    x = torch.randn(2, 64, 6)
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object() if name == "numba" else None)
+    with mamba_ssm.use_backend("numba"):
+        with pytest.raises(RuntimeError, match="inference only"):
+            backends.resolve("selective_scan", x, needs_grad=True)
+        with pytest.raises(RuntimeError, match="cannot run this call: 5 channels"):
+            backends.resolve("selective_scan", x, numba_unsupported="5 channels")
+        with pytest.raises(RuntimeError, match="CPU"):
+            backends.resolve("selective_scan", fake_cuda(x))
+        assert causal_conv1d.which_backend(x) == "torch"  # no numba conv kernel: the torch one is part of the path
+        monkeypatch.setattr(backends, "_numba_error", ["numba failed to import: OSError: boom"])
+        with pytest.raises(RuntimeError, match="boom"):
+            mamba_ssm.which_backend(x)
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")  # named by the variable: must run, too
+    with pytest.raises(RuntimeError, match=f"{backends.CPU_BACKEND_ENV}=numba: numba failed to import"):
+        mamba_ssm.which_backend(x)
+    assert backends.resolve("selective_scan", x, needs_grad=True) == "torch"  # the variable picks inference kernels
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "auto")  # auto: the torch kernels, with one warning naming the cause
+    with pytest.warns(RuntimeWarning, match="boom") as record:
+        assert mamba_ssm.which_backend(x) == "torch"
+        assert mamba_ssm.which_backend(x) == "torch"
+    assert len(record) == 1
+
+
+@pytest.mark.parametrize("value", ["jit", "fast", "NUMBA!"])
+def test_cpu_backend_variable_is_checked(clean, value):
+    clean.setenv(backends.CPU_BACKEND_ENV, value)
+    with pytest.raises(ValueError, match=f"{backends.CPU_BACKEND_ENV} must be one of auto, torch, numba"):
+        mamba_ssm.which_backend(torch.randn(1, 32, 2))
 
 
 _IMPORT_SCRIPT = """
@@ -361,7 +423,7 @@ def test_import_without_optional_packages_and_with_broken_extensions(tmp_path):
     result = json.loads(proc.stdout)
     assert result["loaded"] == []
     assert result["shape"] == [1, 5, 8]
-    assert result["backends"] == ["fast", "fast"]
+    assert result["backends"] == ["torch", "torch"]
     assert len(result["warnings"]) == 2 and all("FORCE_FALLBACK" in w for w in result["warnings"])
     assert result["cuda_error"] and SCAN_EXT in result["cuda_error"]
 

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-import checkpoint_download
-from checkpoint_download import DownloadError, resolve_checkpoint
+from vim_rpi import checkpoint_download, factory
+from vim_rpi.checkpoint_download import DownloadError, resolve_checkpoint
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -110,12 +110,12 @@ def test_download_then_cache_hit_without_network(server, tmp_path, capsys):
     assert len(server.requests) == 1
 
 
-def test_default_spec_is_the_released_vim_tiny(monkeypatch, tmp_path):
+def test_default_checkpoint_is_the_released_vim_tiny(monkeypatch, tmp_path):
     name = "vim_t_midclstok_76p1acc.pth"
-    assert checkpoint_download.DEFAULT_CHECKPOINT_URL.endswith("/" + name)
+    assert factory.default_checkpoint() == f"https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/{name}"
     (tmp_path / name).write_bytes(b"cached")
     monkeypatch.setenv("VIM_RPI_CACHE", str(tmp_path))
-    assert resolve_checkpoint() == tmp_path / name
+    assert resolve_checkpoint(factory.default_checkpoint()) == tmp_path / name
 
 
 def test_no_progress_and_no_content_length(server, tmp_path, capsys):

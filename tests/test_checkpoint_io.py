@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint_io
-import models_mamba
-import quantization
-from checkpoint_io import CheckpointError
+from vim_rpi import checkpoint_io, factory
+import vim_rpi
+from vim_rpi import quantization
+from vim_rpi.checkpoint_io import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(depth=2, embed_dim=32, img_size=64, num_classes=10)
@@ -22,7 +22,7 @@ SMALL = dict(depth=2, embed_dim=32, img_size=64, num_classes=10)
 
 def _model(seed=0, **kwargs):
     torch.manual_seed(seed)
-    return models_mamba.create_model("vim_tiny", **{**SMALL, **kwargs}).eval()
+    return vim_rpi.create_model("vim_tiny", **{**SMALL, **kwargs}).eval()
 
 
 def _logits(model, size=64, seed=123):
@@ -51,7 +51,7 @@ def test_round_trip_every_layout(tmp_path, layout):
            "module_prefix": lambda: {"model": {"module." + k: v for k, v in model.state_dict().items()}}}[layout]()
     path = tmp_path / "ckpt.pth"
     torch.save(obj, path)
-    loaded, info = checkpoint_io.load_model(path, "vim_tiny", depth=2, embed_dim=32, img_size=64)
+    loaded, info = factory.load_model(path, "vim_tiny", depth=2, embed_dim=32, img_size=64)
     assert not loaded.training and info["num_classes"] == 10
     expected = _logits(model) if layout == "training" else expected  # training layout took one step
     torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)
@@ -71,14 +71,14 @@ def test_ema_weights_on_request(tmp_path):
     model, ema = _model(0), _model(1)
     path = tmp_path / "train.pth"
     checkpoint_io.save_checkpoint(path, model, epoch=5, model_ema=ema, args=argparse.Namespace(model="vim_tiny"))
-    plain, info = checkpoint_io.load_model(path)  # name and overrides come from the file
-    ema_loaded, _ = checkpoint_io.load_model(path, ema=True)
-    assert info["epoch"] == 5 and info["model"] == models_mamba.resolve_model_name("vim_tiny")
+    plain, info = factory.load_model(path)  # name and overrides come from the file
+    ema_loaded, _ = factory.load_model(path, ema=True)
+    assert info["epoch"] == 5 and info["model"] == vim_rpi.resolve_model_name("vim_tiny")
     assert torch.equal(_logits(plain), _logits(model))
     assert torch.equal(_logits(ema_loaded), _logits(ema))
     torch.save(model.state_dict(), tmp_path / "bare.pth")
     with pytest.raises(CheckpointError, match="EMA"):
-        checkpoint_io.load_model(tmp_path / "bare.pth", "vim_tiny", ema=True, **SMALL)
+        factory.load_model(tmp_path / "bare.pth", "vim_tiny", ema=True, **SMALL)
 
 
 def _mapped_file(address):
@@ -95,7 +95,7 @@ def _mapped_file(address):
 def test_weights_are_memory_mapped_not_copied(tmp_path):
     path = tmp_path / "m.pth"
     checkpoint_io.save_checkpoint(path, _model())
-    loaded, _ = checkpoint_io.load_model(path)
+    loaded, _ = factory.load_model(path)
     assert {_mapped_file(p.data_ptr()) for p in loaded.parameters()} == {str(path)}
 
 
@@ -114,9 +114,9 @@ def test_pickled_code_is_refused_unless_trusted(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": _model().state_dict(), "payload": _WritesAFile(target)}, path)
     with pytest.raises(CheckpointError, match="trust-checkpoint"):
-        checkpoint_io.load_model(path, "vim_tiny", **SMALL)
+        factory.load_model(path, "vim_tiny", **SMALL)
     assert not target.exists()
-    checkpoint_io.load_model(path, "vim_tiny", trust_pickle=True, **SMALL)  # explicit opt-in only
+    factory.load_model(path, "vim_tiny", trust_pickle=True, **SMALL)  # explicit opt-in only
     assert target.read_text() == "pwned"
 
 
@@ -124,25 +124,25 @@ def test_wrong_model_names_the_fitting_one(tmp_path):
     path = tmp_path / "small.pth"
     torch.save({"model": _model().state_dict()}, path)
     with pytest.raises(CheckpointError) as err:
-        checkpoint_io.load_model(path, "vim_tiny", depth=3, embed_dim=32, img_size=64)
+        factory.load_model(path, "vim_tiny", depth=3, embed_dim=32, img_size=64)
     assert "missing keys" in str(err.value) and "layers.2." in str(err.value)
     with pytest.raises(CheckpointError, match="unknown model"):
-        checkpoint_io.load_model(path, "vim_nano", **SMALL)
+        factory.load_model(path, "vim_nano", **SMALL)
 
 
 def test_released_vim_tiny_layout_loads_and_classifies(tmp_path):
     """Full-size Vim-Tiny in hustvl's layout (no model name stored): the name is inferred."""
     torch.manual_seed(0)
-    model = models_mamba.create_model("vim_tiny").eval()
+    model = vim_rpi.create_model("vim_tiny").eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     path = tmp_path / "vim_t_midclstok_76p1acc.pth"
     torch.save({"model": state, "model_ema": state, "optimizer": {"state": {}, "param_groups": []},
                 "lr_scheduler": {}, "epoch": 299, "scaler": {"scale": 1.0},
                 "args": argparse.Namespace(model=None, input_size=224, lr=5e-4)}, path)
-    loaded, info = checkpoint_io.load_model(path)
+    loaded, info = factory.load_model(path)
     assert info["model"].startswith("vim_tiny_patch16_224") and info["epoch"] == 299
     with pytest.raises(CheckpointError, match="vim_tiny_patch16_224"):
-        checkpoint_io.load_model(path, "vim_small")
+        factory.load_model(path, "vim_small")
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         assert torch.equal(loaded(x), model(x))
@@ -159,14 +159,14 @@ def test_malformed_metadata_is_a_checkpoint_error(tmp_path, entries, message):
     path = tmp_path / "odd.pth"
     torch.save({"model": _model().state_dict(), "model_name": "vim_tiny", "model_args": dict(SMALL), **entries}, path)
     with pytest.raises(CheckpointError, match=message):
-        checkpoint_io.load_model(path)
+        factory.load_model(path)
 
 
 @pytest.mark.parametrize("epoch, expected", [(torch.tensor(3), 3), (7, 7), ("last", None), (2.5, None)])
 def test_epoch_entry_is_read_leniently(tmp_path, epoch, expected):
     path = tmp_path / "e.pth"
     torch.save({"state_dict": _model().state_dict(), "epoch": epoch}, path)
-    _, info = checkpoint_io.load_model(path, "vim_tiny", **SMALL)
+    _, info = factory.load_model(path, "vim_tiny", **SMALL)
     assert info["epoch"] == expected
 
 
@@ -174,7 +174,7 @@ def test_model_args_device_and_dtype_are_ignored(tmp_path):
     path = tmp_path / "cuda.pth"
     torch.save({"model": _model().state_dict(), "model_name": "vim_tiny",
                 "model_args": {**SMALL, "device": "cuda", "dtype": torch.float16}}, path)
-    model, _ = checkpoint_io.load_model(path)
+    model, _ = factory.load_model(path)
     assert model.head.weight.device.type == "cpu" and model.head.weight.dtype == torch.float32
 
 
@@ -182,26 +182,26 @@ def test_a_quantized_state_dict_is_named(tmp_path):
     path = tmp_path / "q.pth"
     torch.save({"model": {"layers.0.mixer.in_proj._packed_params": "packed"}}, path)
     with pytest.raises(CheckpointError, match="'model' entry is not a state dict of tensors"):
-        checkpoint_io.load_model(path, "vim_tiny")
+        factory.load_model(path, "vim_tiny")
 
 
 def test_loading_into_another_architecture_warns(tmp_path, caplog):
     path = tmp_path / "tiny.pth"
     checkpoint_io.save_checkpoint(path, _model())
     with caplog.at_level("WARNING", logger="checkpoint_io"):
-        checkpoint_io.load_model(path)
+        factory.load_model(path)
     assert not caplog.records
     with caplog.at_level("WARNING", logger="checkpoint_io"):
-        model, info = checkpoint_io.load_model(path, "vim_tiny_stride8", **SMALL)  # loads: pos_embed resampled
+        model, info = factory.load_model(path, "vim_tiny_stride8", **SMALL)  # loads: pos_embed resampled
     assert info["model"].startswith("vim_tiny_patch16_stride8")
     assert "holds vim_tiny_patch16_224" in caplog.text and "into vim_tiny_patch16_stride8" in caplog.text
     caplog.clear()
     strided = tmp_path / "stride8.pth"  # the stored overrides say stride 8: no warning
     checkpoint_io.save_checkpoint(strided, _model(stride=8))
     with caplog.at_level("WARNING", logger="checkpoint_io"):
-        model, _ = checkpoint_io.load_model(strided)
+        model, _ = factory.load_model(strided)
         torch.save(_model(stride=8).state_dict(), tmp_path / "bare.pth")  # given as overrides: no warning
-        checkpoint_io.load_model(tmp_path / "bare.pth", "vim_tiny", **SMALL, stride=8)
+        factory.load_model(tmp_path / "bare.pth", "vim_tiny", **SMALL, stride=8)
     assert model.patch_embed.proj.stride == (8, 8) and not caplog.records
 
 
@@ -212,7 +212,7 @@ def test_strict_mismatch_lists_keys_in_one_message(tmp_path):
     path = tmp_path / "broken.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as err:
-        checkpoint_io.load_model(path, "vim_tiny", **SMALL)
+        factory.load_model(path, "vim_tiny", **SMALL)
     message = str(err.value)
     assert "norm_f.weight" in message and "layers.0.norm.bias" in message and "\n" not in message
 
@@ -225,7 +225,7 @@ def test_unreadable_files(tmp_path, content):
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=str(path)):
-        checkpoint_io.load_model(path, "vim_tiny")
+        factory.load_model(path, "vim_tiny")
 
 
 def test_resample_pos_embed_keeps_cls_row_and_is_identity_on_same_grid():
@@ -243,14 +243,14 @@ def test_resample_pos_embed_keeps_cls_row_and_is_identity_on_same_grid():
 
 def test_input_size_resampling(tmp_path):
     torch.manual_seed(0)
-    model = models_mamba.create_model("vim_tiny", depth=1, embed_dim=32).eval()  # a 224 model
+    model = vim_rpi.create_model("vim_tiny", depth=1, embed_dim=32).eval()  # a 224 model
     path = tmp_path / "m224.pth"
     checkpoint_io.save_checkpoint(path, model)
-    same, info = checkpoint_io.load_model(path, input_size=224)
+    same, info = factory.load_model(path, input_size=224)
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         assert torch.equal(same(x), model(x))
-    small, info = checkpoint_io.load_model(path, input_size=160)
+    small, info = factory.load_model(path, input_size=160)
     assert info["input_size"] == 160 and small.pos_embed.shape == (1, 101, 32)
     with torch.inference_mode():
         assert small(torch.randn(1, 3, 160, 160)).shape == (1, 1000)
@@ -277,13 +277,13 @@ def test_convert_checkpoint_compact_and_half(tmp_path):
         assert result.returncode == 0, result.stderr
         assert "MB ->" in result.stdout
     assert os.path.getsize(out) < os.path.getsize(src) and os.path.getsize(half) < 0.6 * os.path.getsize(out)
-    loaded, _ = checkpoint_io.load_model(out, "vim_tiny", **SMALL)
+    loaded, _ = factory.load_model(out, "vim_tiny", **SMALL)
     reference = {k: v for k, v in model.state_dict().items()}
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in reference.items())
-    loaded16, _ = checkpoint_io.load_model(half, "vim_tiny", **SMALL)
+    loaded16, _ = factory.load_model(half, "vim_tiny", **SMALL)
     assert all(loaded16.state_dict()[k].dtype == torch.float32 for k in reference)
     assert all(torch.equal(loaded16.state_dict()[k], v.half().float()) for k, v in reference.items())
-    loaded_ema, _ = checkpoint_io.load_model(ema_out, "vim_tiny", **SMALL)
+    loaded_ema, _ = factory.load_model(ema_out, "vim_tiny", **SMALL)
     assert torch.equal(_logits(loaded_ema), _logits(ema))
     failed = _convert(tmp_path / "missing.pth", tmp_path / "o.pth")
     assert failed.returncode == 1 and "not found" in failed.stderr and "Traceback" not in failed.stderr
@@ -292,7 +292,7 @@ def test_convert_checkpoint_compact_and_half(tmp_path):
 def test_convert_checkpoint_refuses_a_name_the_weights_do_not_fit(tmp_path):
     torch.manual_seed(0)
     src = tmp_path / "tiny.pth"
-    checkpoint_io.save_checkpoint(src, models_mamba.create_model("vim_tiny", img_size=64))
+    checkpoint_io.save_checkpoint(src, vim_rpi.create_model("vim_tiny", img_size=64))
     refused = _convert(src, tmp_path / "small.pth", "--model", "vim_small")
     assert refused.returncode == 1 and "holds vim_tiny_patch16_224" in refused.stderr and "not vim_small" in refused.stderr
     assert not (tmp_path / "small.pth").exists() and "Traceback" not in refused.stderr
@@ -300,10 +300,10 @@ def test_convert_checkpoint_refuses_a_name_the_weights_do_not_fit(tmp_path):
     assert in_place.returncode == 0, in_place.stderr
     before, after = (float(part.split(": ")[-1].split(" MB")[0]) for part in in_place.stdout.split(" -> "))
     assert after < 0.6 * before
-    _, info = checkpoint_io.load_model(src)
+    _, info = factory.load_model(src)
     assert info["model"].startswith("vim_tiny_patch16_224")
     strided = tmp_path / "stride8.pth"  # its stored overrides (stride 8) make it a vim_tiny: converted
-    checkpoint_io.save_checkpoint(strided, models_mamba.create_model("vim_tiny", stride=8, img_size=64))
+    checkpoint_io.save_checkpoint(strided, vim_rpi.create_model("vim_tiny", stride=8, img_size=64))
     assert _convert(strided, tmp_path / "s8.pth").returncode == 0
     with pytest.raises(SystemExit) as usage:
         _convert(src, tmp_path / "x.pth", "--model", "vim_tinyy")
@@ -312,7 +312,7 @@ def test_convert_checkpoint_refuses_a_name_the_weights_do_not_fit(tmp_path):
 
 def test_dynamic_int8_runs_and_stays_close():
     torch.manual_seed(0)
-    model = models_mamba.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64, num_classes=10).eval()
+    model = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64, num_classes=10).eval()
     x = torch.randn(4, 3, 64, 64)
     with torch.inference_mode():
         ref = model(x)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import image_preprocess
-from image_preprocess import ImageError, eval_transform, load_image, preprocess_image, to_rgb
+from vim_rpi import image_preprocess
+from vim_rpi.image_preprocess import ImageError, eval_transform, load_image, preprocess_image, to_rgb
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

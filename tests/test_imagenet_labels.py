@@ -2,8 +2,8 @@
 
 import pytest
 
-import imagenet_labels
-from imagenet_labels import imagenet_labels as labels
+from vim_rpi import imagenet_labels
+from vim_rpi.imagenet_labels import imagenet_labels as labels
 
 
 def test_thousand_distinct_clean_names():

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import checkpoint_io
-import engine
-import folder_dataset
-import image_preprocess
-import main
-import models_mamba
+from vim_rpi import checkpoint_io, factory
+from vim_rpi import engine
+from vim_rpi import folder_dataset
+from vim_rpi import image_preprocess
+from vim_rpi import main
+import vim_rpi
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "vim" / "main.py"
@@ -91,12 +91,12 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("main_eval")
     torch.manual_seed(0)
     # 7 classes: top-5 is a real subset, and each of the 4 folder classes can score any logit.
-    model = models_mamba.create_model("vim_tiny", depth=2, embed_dim=32, num_classes=7, img_size=SIZE)
+    model = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=32, num_classes=7, img_size=SIZE)
     ckpt = root / "tiny.pth"
     checkpoint_io.save_checkpoint(ckpt, model)
     data = root / "data"
     samples = _make_tree(data / "val", [3, 3, 3, 3], seed=1)
-    reference, _ = checkpoint_io.load_model(ckpt)
+    reference, _ = factory.load_model(ckpt)
     return {"ckpt": ckpt, "data": data, "samples": samples, "direct": _direct_eval(reference, samples, 7)}
 
 
@@ -139,7 +139,7 @@ def test_torchrun_two_processes_give_the_single_process_totals(tmp_path, setup):
     """7 images on 2 ranks (4 + 3): no image padded in twice or dropped; only rank 0 prints."""
     data = tmp_path / "odd"
     samples = _make_tree(data, [2, 1, 3, 1], seed=2)
-    model, _ = checkpoint_io.load_model(setup["ckpt"])
+    model, _ = factory.load_model(setup["ckpt"])
     direct = _direct_eval(model, samples, 7)
     code, out, err = _run(["--eval", "--resume", setup["ckpt"], "--data-path", data, "--batch-size", 2,
                            "--json"], torchrun=True)

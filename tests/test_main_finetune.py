@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint_io
-import engine
-import folder_dataset
-import image_preprocess
-import main
-import models_mamba
+from vim_rpi import checkpoint_io, factory
+from vim_rpi import engine
+from vim_rpi import folder_dataset
+from vim_rpi import image_preprocess
+from vim_rpi import main
+import vim_rpi
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "vim" / "main.py"
@@ -54,7 +54,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("main_finetune")
     _make_dataset(root / "data", n_train=8, n_val=5)
     torch.manual_seed(0)
-    model = models_mamba.create_model("vim_tiny", depth=2, embed_dim=32, num_classes=5, img_size=32)
+    model = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=32, num_classes=5, img_size=32)
     checkpoint_io.save_checkpoint(root / "init.pth", model)
     return {"root": root, "data": root / "data", "init": root / "init.pth"}
 
@@ -94,7 +94,7 @@ def test_checkpoint_layout_and_reload(finetuned, setup):
     assert [entry["epoch"] for entry in log] == [0, 1, 2, 3]
 
     # The reloaded weights reproduce the last reported evaluation, image by image.
-    model, info = checkpoint_io.load_model(out / "checkpoint.pth")
+    model, info = factory.load_model(out / "checkpoint.pth")
     assert info["num_classes"] == 3 and info["input_size"] == 32
     correct, loss = 0, 0.0
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_checkpoint_layout_and_reload(finetuned, setup):
     assert final["correct1"] == correct
     assert final["loss"] == pytest.approx(loss / 15, rel=1e-5)
 
-    ema, _ = checkpoint_io.load_model(out / "checkpoint.pth", ema=True)
+    ema, _ = factory.load_model(out / "checkpoint.pth", ema=True)
     assert not torch.equal(ema.head.weight, model.head.weight)
 
 
@@ -150,7 +150,7 @@ def test_warmup_cosine_schedule():
     assert engine.warmup_cosine_lr(20, **kw) == pytest.approx(1e-5)
     assert engine.warmup_cosine_lr(25, **kw) == pytest.approx(1e-5)
     # The scheduler follows it step by step, for every parameter group.
-    model = models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, num_classes=2, img_size=16)
+    model = vim_rpi.create_model("vim_tiny", depth=1, embed_dim=16, num_classes=2, img_size=16)
     optimizer = torch.optim.AdamW(engine.param_groups_weight_decay(model, 0.05), lr=kw["base_lr"])
     scheduler = engine.build_lr_scheduler(optimizer, **kw)
     for step in range(22):
@@ -161,7 +161,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_no_weight_decay_groups():
-    model = models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, num_classes=2, img_size=16)
+    model = vim_rpi.create_model("vim_tiny", depth=1, embed_dim=16, num_classes=2, img_size=16)
     no_decay, decay = engine.param_groups_weight_decay(model, 0.05)
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
     names = {id(p): n for n, p in model.named_parameters()}
@@ -208,7 +208,7 @@ def test_training_bad_inputs(tmp_path, setup, capsys, monkeypatch, case, code, m
     if case == "resume other classes":
         args[0] = "--resume"
     elif case == "resume weights only":
-        model, _ = checkpoint_io.load_model(setup["init"])
+        model, _ = factory.load_model(setup["init"])
         model.reset_classifier(3)
         checkpoint_io.save_weights(tmp_path / "w.pth", model.state_dict(), model_name="vim_tiny",
                                    model_args={"depth": 2, "embed_dim": 32, "img_size": 32})

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-import models_mamba
+import vim_rpi
+from vim_rpi import models_mamba
 from vim_reference import vim_forward
 
 TINY_NAME = "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
@@ -16,7 +17,7 @@ TINY_NAME = "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_m
 
 def _small(seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = models_mamba.create_model("vim_tiny", **kwargs).double().eval()
+    model = vim_rpi.create_model("vim_tiny", **kwargs).double().eval()
     with torch.no_grad():  # make every parameter matter (default init leaves biases/D at constants)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -57,7 +58,7 @@ def test_head_cls_token_matches_formula():
 
 def test_float32_training_mode_backward_reaches_every_parameter():
     torch.manual_seed(0)
-    model = models_mamba.create_model("vim_tiny", depth=2, embed_dim=32, img_size=32, num_classes=5)
+    model = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=32, img_size=32, num_classes=5)
     model.train()
     loss = model(torch.randn(3, 3, 32, 32)).logsumexp(-1).sum()
     loss.backward()
@@ -94,7 +95,7 @@ def _expected_tiny_shapes():
 
 def test_vim_tiny_state_dict_matches_released_layout():
     with torch.device("meta"):
-        model = models_mamba.create_model(TINY_NAME)
+        model = vim_rpi.create_model(TINY_NAME)
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     expected = _expected_tiny_shapes()
     assert len(expected) == 415
@@ -103,32 +104,32 @@ def test_vim_tiny_state_dict_matches_released_layout():
 
 
 def test_registry_names_aliases_and_errors():
-    names = models_mamba.list_models()
+    names = vim_rpi.list_models()
     assert len(names) == 5 and TINY_NAME in names
     for alias, embed, stride in (("vim_tiny", 192, 16), ("vim_tiny_stride8", 192, 8), ("vim_small", 384, 16),
                                  ("vim_small_stride8", 384, 8), ("vim_base", 768, 16)):
-        arch = models_mamba.model_architecture(alias)
+        arch = vim_rpi.model_architecture(alias)
         assert (arch["embed_dim"], arch["stride"], arch["depth"]) == (embed, stride, 24)
-        assert models_mamba.is_model(alias)
+        assert vim_rpi.is_model(alias)
         # each long name is also a module-level function, like upstream
-        assert callable(getattr(models_mamba, models_mamba.resolve_model_name(alias)))
+        assert callable(getattr(models_mamba, vim_rpi.resolve_model_name(alias)))
     with pytest.raises(ValueError, match="vim_tiny"):
-        models_mamba.create_model("vim_tiny_typo")
-    assert models_mamba.pretrained_cfg("vim_tiny")["url"].endswith("vim_t_midclstok_76p1acc.pth")
-    assert models_mamba.pretrained_cfg("vim_base")["url"] is None  # no placeholder URLs
+        vim_rpi.create_model("vim_tiny_typo")
+    assert vim_rpi.pretrained_cfg("vim_tiny")["url"].endswith("vim_t_midclstok_76p1acc.pth")
+    assert vim_rpi.pretrained_cfg("vim_base")["url"] is None  # no placeholder URLs
 
 
 def test_unknown_kwargs_are_named_and_ablations_rejected():
     with pytest.warns(UserWarning, match="drop_block_rate"):
-        models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32, drop_block_rate=0.1)
+        vim_rpi.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32, drop_block_rate=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # None-valued extras (upstream main.py passes them) are fine
-        models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32, drop_block_rate=None,
+        vim_rpi.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32, drop_block_rate=None,
                                   pretrained_cfg=None)
     for bad in (dict(if_rope=True), dict(flip_img_sequences_ratio=0.5)):
         with pytest.raises(NotImplementedError):
-            models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32, **bad)
-    model = models_mamba.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32)
+            vim_rpi.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32, **bad)
+    model = vim_rpi.create_model("vim_tiny", depth=1, embed_dim=16, img_size=32)
     with pytest.raises(ValueError, match="32"):
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(NotImplementedError):
@@ -146,7 +147,7 @@ def test_unknown_kwargs_are_named_and_ablations_rejected():
 ])
 def test_ablation_options_run(kwargs):
     args = dict(depth=1, embed_dim=16, img_size=32, num_classes=3)
-    model = models_mamba.create_model("vim_tiny", **{**args, **kwargs}).eval()
+    model = vim_rpi.create_model("vim_tiny", **{**args, **kwargs}).eval()
     with torch.inference_mode():
         y = model(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 3) and torch.isfinite(y).all()
@@ -154,7 +155,7 @@ def test_ablation_options_run(kwargs):
 
 def test_unfused_norm_path_equals_fused():
     fused = _small(depth=2, embed_dim=32, img_size=32)
-    unfused = models_mamba.create_model("vim_tiny", depth=2, embed_dim=32, img_size=32, fused_add_norm=False)
+    unfused = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=32, img_size=32, fused_add_norm=False)
     unfused = unfused.double().eval()
     unfused.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -163,19 +164,20 @@ def test_unfused_norm_path_equals_fused():
 
 
 def test_import_needs_neither_timm_nor_torchvision(tmp_path):
-    code = ("import sys, models_mamba, checkpoint_io, quantization; "
+    code = ("import sys, vim_rpi.models_mamba, vim_rpi.classifier; "
             "bad = [m for m in ('timm', 'torchvision', 'triton') if m in sys.modules and sys.modules[m] is not None "
             "and getattr(sys.modules[m], '__file__', None)]; print(bad)")
-    env_path = str(models_mamba.__file__).rsplit("/", 1)[0]
     blocker = tmp_path / "sitecustomize.py"  # make timm/torchvision unimportable, as on a bare Pi
     blocker.write_text("import sys\nfor m in ('timm', 'torchvision'):\n    sys.modules[m] = None\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": f"{tmp_path}:{env_path}", "PATH": "/usr/bin:/bin"})
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]"
 
 
 def test_register_with_timm_uses_timms_registry(monkeypatch):
     """timm cannot import on the x86 CI machine: a stand-in with timm's two functions."""
+    from vim_rpi import models_mamba  # imported (and its registration tried) before the stand-in
+
     registered = {}
     fake_models = types.ModuleType("timm.models")
     fake_models.is_model = lambda name: name in registered
@@ -184,8 +186,8 @@ def test_register_with_timm_uses_timms_registry(monkeypatch):
     fake_timm.models = fake_models
     monkeypatch.setitem(sys.modules, "timm", fake_timm)
     monkeypatch.setitem(sys.modules, "timm.models", fake_models)
-    assert models_mamba.register_with_timm() == 5
-    assert models_mamba.register_with_timm() == 0  # no duplicates
-    assert sorted(registered) == models_mamba.list_models()
+    assert vim_rpi.register_with_timm() == 5
+    assert vim_rpi.register_with_timm() == 0  # no duplicates
+    assert sorted(registered) == vim_rpi.list_models()
     model = registered[TINY_NAME](pretrained=False, depth=1, embed_dim=16, img_size=32)
     assert model.model_name == TINY_NAME

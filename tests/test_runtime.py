@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import runtime
+from vim_rpi import runtime
 
 VIM_DIR = pathlib.Path(runtime.__file__).resolve().parent
 
@@ -43,7 +43,7 @@ def test_peak_rss_mb_tracks_a_big_allocation():
 
 _FAULTS_SCRIPT = """
 import ctypes, resource
-import runtime
+from vim_rpi import runtime
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)

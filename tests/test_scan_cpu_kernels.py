@@ -1,24 +1,32 @@
 """The CPU inference scan kernels behind the fast path, against a float64 step-by-step oracle.
 
-`selective_scan_fast.scan_state_nd` runs either the pure-PyTorch chunked kernel or, when numba
-is installed, the fused numba kernel (SELECTIVE_SCAN_CPU_BACKEND=auto|torch|numba). Both are
-checked here on the state-(n, d) contract, with D, an initial state, broadcast batch dims, chunk
-boundaries, huge decays and concurrent threads; numba cases skip when numba is absent.
+Two kernels share the state-(n, d) `scan_state_nd` contract: the pure-PyTorch chunked one
+(`selective_scan_fast`) and the optional fused numba one (`selective_scan_numba`), chosen by
+`causal_conv1d.backends` (SELECTIVE_SCAN_CPU_BACKEND=auto|torch|numba). Both are checked here
+with D, an initial state, broadcast batch dims, chunk boundaries, huge decays and concurrent
+threads; numba cases skip when numba is absent.
 """
 
 import subprocess
 import sys
 import threading
 
+import importlib.util
+
 import pytest
 import torch
 
+import mamba_ssm
 import mamba_ssm.ops.selective_scan_fast as fast
+from causal_conv1d import backends
 from causal_conv1d.causal_conv1d_interface import conv_taps
 from mamba_ssm import Mamba, use_backend
+from mamba_ssm.ops.selective_scan_interface import numba_scan_state_nd, selective_scan_fn
 from test_causal_conv1d import rel_err
+from test_selective_scan import make_scan_inputs, scan_oracle
 
-HAS_NUMBA = fast.numba_installed()
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+KERNELS = {"torch": fast.scan_state_nd, "numba": numba_scan_state_nd}
 BACKENDS = ["torch", pytest.param("numba", marks=pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed"))]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
@@ -52,9 +60,9 @@ def inputs(l, batch, n, d, dtype, seed, decay=1.0):
 
 
 @pytest.fixture
-def backend(request, monkeypatch):
-    monkeypatch.setenv(fast.CPU_BACKEND_ENV, request.param)
-    return request.param
+def backend(request):
+    """The `scan_state_nd` kernel named by the parameter."""
+    return KERNELS[request.param]
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -62,8 +70,12 @@ def backend(request, monkeypatch):
 @pytest.mark.parametrize("l,batch,d", [(1, (2, 1), 32), (7, (1, 3), 96), (197, (2, 1), 64), (20, (2, 2), 48)])
 def test_matches_oracle(backend, dtype, l, batch, d):
     t = inputs(l, batch, 4, d, dtype, seed=l + d)
+    if backend is numba_scan_state_nd and d % 32:
+        with pytest.raises(ValueError, match=f"cannot take {d} channels per scan"):
+            backend(t["dt"], t["x"], t["At"], t["B"], t["C"])
+        return
     for D, h0 in ((None, None), (t["D"], t["h0"])):
-        y, last = fast.scan_state_nd(t["dt"], t["x"], t["At"], t["B"], t["C"], D, h0)
+        y, last = backend(t["dt"], t["x"], t["At"], t["B"], t["C"], D, h0)
         want_y, want_last = oracle(t["dt"], t["x"], t["At"], t["B"], t["C"], D, h0)
         assert y.shape == want_y.shape and last.shape == want_last.shape
         assert y.dtype == dtype
@@ -75,7 +87,7 @@ def test_matches_oracle(backend, dtype, l, batch, d):
 def test_huge_decays_stay_finite(backend):
     """dt * |A| in the hundreds: exp underflows to 0, nothing overflows."""
     t = inputs(30, (2, 1), 16, 32, torch.float32, seed=1, decay=200.0)
-    y, last = fast.scan_state_nd(t["dt"], t["x"], t["At"], t["B"], t["C"], t["D"], t["h0"])
+    y, last = backend(t["dt"], t["x"], t["At"], t["B"], t["C"], t["D"], t["h0"])
     want_y, want_last = oracle(t["dt"], t["x"], t["At"], t["B"], t["C"], t["D"], t["h0"])
     assert torch.isfinite(y).all() and torch.isfinite(last).all()
     assert rel_err(y, want_y) <= 1e-5 and rel_err(last, want_last) <= 1e-5
@@ -89,7 +101,7 @@ def test_nan_and_overflow_show_as_in_torch_exp(backend):
     t = inputs(6, (2, 1), 4, 32, torch.float32, seed=3)
     At = t["At"].clone()
     At[0, 0, 1, 5] = float("nan")
-    y, last = fast.scan_state_nd(t["dt"], t["x"], At, t["B"], t["C"], t["D"])
+    y, last = backend(t["dt"], t["x"], At, t["B"], t["C"], t["D"])
     want_y, want_last = oracle(t["dt"], t["x"], At, t["B"], t["C"], t["D"])
     assert torch.equal(torch.isnan(y[1:]), torch.isnan(want_y[1:])) and torch.isnan(y[1:, 0, 0, 5]).all()
     assert torch.equal(torch.isnan(last), torch.isnan(want_last))
@@ -97,7 +109,7 @@ def test_nan_and_overflow_show_as_in_torch_exp(backend):
     At = torch.full_like(t["At"], -1.0)
     At[1, 0, 2, 7] = 1e4  # exp(dt * 1e4) overflows float32
     At[1, 0, 3, 8] = 88.5 / float(dt[0, 1, 0, 8])  # exp(88.5) = 2.7e38: just below float32's maximum
-    _, last = fast.scan_state_nd(dt, x, At, B, C, None, h0)  # one step from h0 = 1: last = exp(dt A)
+    _, last = backend(dt, x, At, B, C, None, h0)  # one step from h0 = 1: last = exp(dt A)
     assert torch.isinf(last[1, 0, 2, 7]) and torch.isfinite(last[0]).all()
     want = torch.exp(dt[0].double().unsqueeze(-2) * At.double())
     assert abs(float(last[1, 0, 3, 8]) / float(want[1, 0, 3, 8]) - 1) < 1e-5
@@ -106,7 +118,6 @@ def test_nan_and_overflow_show_as_in_torch_exp(backend):
 def test_torch_kernel_chunk_boundaries_and_shape_changes(monkeypatch):
     """Chunk lengths 1, 3 (10 = 3+3+3+1) and 5 exercise both halves of the reused state buffer;
     the workspace is rebuilt when the shape changes and gives the same results."""
-    monkeypatch.setenv(fast.CPU_BACKEND_ENV, "torch")
     small = inputs(10, (2, 1), 3, 8, torch.float64, seed=2)
     other = inputs(9, (1, 2), 3, 16, torch.float64, seed=3)
     step_bytes = 2 * 3 * 8 * 8
@@ -126,7 +137,7 @@ def test_concurrent_threads_get_their_own_buffers(backend):
 
     def work(t, want):
         for _ in range(20):
-            y, _ = fast.scan_state_nd(t["dt"], t["x"], t["At"], t["B"], t["C"], t["D"])
+            y, _ = backend(t["dt"], t["x"], t["At"], t["B"], t["C"], t["D"])
             errors.append(rel_err(y, want))
 
     threads = [threading.Thread(target=work, args=pair) for pair in zip(cases, wants)]
@@ -137,8 +148,7 @@ def test_concurrent_threads_get_their_own_buffers(backend):
     assert len(errors) == 40 and max(errors) <= TOL[torch.float32]
 
 
-def test_buffers_made_in_inference_mode_work_outside_it(monkeypatch):
-    monkeypatch.setenv(fast.CPU_BACKEND_ENV, "torch")
+def test_buffers_made_in_inference_mode_work_outside_it():
     t = inputs(12, (2, 1), 4, 8, torch.float32, seed=4)
     args = (t["dt"], t["x"], t["At"], t["B"], t["C"])
     with torch.inference_mode():
@@ -161,22 +171,19 @@ def test_autograd_path_matches_and_has_gradients():
 @pytest.mark.parametrize("value,expected", [(None, None), ("", None), ("auto", None), (" Torch ", "torch")])
 def test_cpu_backend_variable(monkeypatch, value, expected):
     if value is None:
-        monkeypatch.delenv(fast.CPU_BACKEND_ENV, raising=False)
+        monkeypatch.delenv(backends.CPU_BACKEND_ENV, raising=False)
     else:
-        monkeypatch.setenv(fast.CPU_BACKEND_ENV, value)
-    assert fast.cpu_backend() == (expected or ("numba" if HAS_NUMBA else "torch"))
+        monkeypatch.setenv(backends.CPU_BACKEND_ENV, value)
+    assert mamba_ssm.which_backend(torch.randn(1, 32, 2)) == (expected or ("numba" if HAS_NUMBA else "torch"))
 
 
-def test_cpu_backend_errors(monkeypatch):
-    monkeypatch.setenv(fast.CPU_BACKEND_ENV, "jit")
-    with pytest.raises(ValueError, match="auto, torch, numba"):
-        fast.cpu_backend()
-    monkeypatch.setenv(fast.CPU_BACKEND_ENV, "numba")
-    monkeypatch.setattr(fast, "numba_installed", lambda: False)
+def test_cpu_backend_numba_not_installed(monkeypatch):
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
     with pytest.raises(RuntimeError, match="pip install numba"):
-        fast.cpu_backend()
-    monkeypatch.setenv(fast.CPU_BACKEND_ENV, "auto")
-    assert fast.cpu_backend() == "torch"
+        mamba_ssm.which_backend(torch.randn(1, 32, 2))
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "auto")
+    assert mamba_ssm.which_backend(torch.randn(1, 32, 2)) == "torch"
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
@@ -186,18 +193,20 @@ def test_numba_takes_only_calls_it_supports(monkeypatch):
     calls = []
     real = selective_scan_numba.scan_state_nd
     monkeypatch.setattr(selective_scan_numba, "scan_state_nd", lambda *a: calls.append(a) or real(*a))
-    ok = inputs(5, (2, 1), 3, 32, torch.float32, seed=6)
-    odd = inputs(5, (2, 1), 3, 48, torch.float32, seed=7)  # 48 channels: not a multiple of 32
-    for backend, t, taken in (("numba", ok, 1), ("auto", ok, 1), ("torch", ok, 0), ("numba", odd, 0)):
-        monkeypatch.setenv(fast.CPU_BACKEND_ENV, backend)
+    ok = make_scan_inputs(2, 32, 3, 5, seed=6)
+    odd = make_scan_inputs(2, 48, 3, 5, seed=7)  # 48 channels: not a multiple of 32
+    for setting, t, taken in (("numba", ok, 1), ("auto", ok, 1), ("torch", ok, 0), ("numba", odd, 0)):
+        monkeypatch.setenv(backends.CPU_BACKEND_ENV, setting)
         calls.clear()
-        y, _ = fast.scan_state_nd(t["dt"], t["x"], t["At"], t["B"], t["C"], t["D"])
-        assert len(calls) == taken, backend
-        assert rel_err(y, oracle(t["dt"], t["x"], t["At"], t["B"], t["C"], t["D"])[0]) <= TOL[torch.float32]
+        y = selective_scan_fn(**t, delta_softplus=True)
+        assert len(calls) == taken, setting
+        assert rel_err(y, scan_oracle(**t, delta_softplus=True)[0]) <= 1e-5
+    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
     calls.clear()
-    monkeypatch.setenv(fast.CPU_BACKEND_ENV, "numba")
-    fast.scan_state_nd(ok["dt"].requires_grad_(), ok["x"], ok["At"], ok["B"], ok["C"])  # autograd: torch
+    selective_scan_fn(**{**ok, "u": ok["u"].clone().requires_grad_()}, delta_softplus=True)  # autograd: torch
     assert not calls
+    with use_backend("numba"), pytest.raises(RuntimeError, match="48 channels per group"):
+        selective_scan_fn(**odd)  # asked for by use_backend: an error, not a silent fallback
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
@@ -215,14 +224,15 @@ def test_numba_keeps_the_torch_thread_count():
     assert done.stdout.strip() == "1"
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_v2_mixer_fast_path_matches_reference_path(backend):
+@pytest.mark.parametrize("name", ["torch", pytest.param("numba", marks=pytest.mark.skipif(not HAS_NUMBA,
+                                                                                          reason="numba not installed"))])
+def test_v2_mixer_fast_path_matches_reference_path(name):
     """A whole bidirectional block (d_inner 64) on the fast path against the sequential `_ref`
     kernels in float64, and float32 against that float64 result."""
     torch.manual_seed(0)
     mixer = Mamba(32, bimamba_type="v2", if_divide_out=True).double().eval()
     hidden = torch.randn(2, 23, 32, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), use_backend(name):
         got = mixer(hidden)
         with use_backend("ref"):
             want = mixer(hidden)

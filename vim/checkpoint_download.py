@@ -12,28 +12,20 @@ Standard library only (urllib): no `requests` on the Pi.
 
 import http.client
 import os
-import sys
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-__all__ = ["DEFAULT_CHECKPOINT_URL", "DownloadError", "default_cache_dir", "publish_temp_file", "resolve_checkpoint"]
+from vim_rpi.errors import DownloadError
+from vim_rpi.progress import progress_bar
 
-# Released Vim-Tiny weights (76.1 % top-1), see the reference doc section 5.
-DEFAULT_CHECKPOINT_URL = (
-    "https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/vim_t_midclstok_76p1acc.pth"
-)
+__all__ = ["DownloadError", "default_cache_dir", "publish_temp_file", "resolve_checkpoint"]
+
 CACHE_ENV = "VIM_RPI_CACHE"
 _TIMEOUT_S = 30.0  # per connect / per read, not for the whole file: a slow Pi link is fine
 _CHUNK_BYTES = 1 << 20
-_PROGRESS_EVERY_S = 0.25
-
-
-class DownloadError(Exception):
-    """A checkpoint could not be found or fetched; the message is meant for the user."""
 
 
 def default_cache_dir() -> Path:
@@ -42,17 +34,17 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vim-rpi"
 
 
-def resolve_checkpoint(spec=None, *, cache_dir=None, progress=True) -> Path:
+def resolve_checkpoint(spec, *, cache_dir=None, progress=True) -> Path:
     """Return a local checkpoint file for `spec`.
 
     Args:
-        spec: a local path, an http(s) URL, or None for DEFAULT_CHECKPOINT_URL.
+        spec: a local path or an http(s) URL.
         cache_dir: where URLs are cached; default `default_cache_dir()`.
         progress: draw a progress bar on stderr while downloading.
     Raises:
         DownloadError: the path does not exist or is not a file, or the download failed.
     """
-    spec = DEFAULT_CHECKPOINT_URL if spec is None else os.fspath(spec)
+    spec = os.fspath(spec)
     if urllib.parse.urlsplit(spec).scheme.lower() in ("http", "https"):
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         return _cached_download(spec, cache, progress)
@@ -118,9 +110,10 @@ def publish_temp_file(tmp, dest):
 def _copy(response, out, url: str, progress_name):
     """Stream the body into `out`, checking it against Content-Length when the server sent one."""
     total = _content_length(response)
-    bar = _ProgressBar(progress_name, total) if progress_name else None
+    bar = progress_bar(total, f"downloading {progress_name}", enabled=progress_name is not None, unit="B",
+                       unit_scale=True)
     received = 0
-    try:
+    with bar:
         while True:
             try:
                 chunk = response.read(_CHUNK_BYTES)
@@ -133,11 +126,7 @@ def _copy(response, out, url: str, progress_name):
                 break
             out.write(chunk)
             received += len(chunk)
-            if bar:
-                bar.update(received)
-    finally:
-        if bar:  # end the bar's line, so an error message starts on a line of its own
-            bar.close(received)
+            bar.update(len(chunk))
     # http.client returns b"" instead of raising when the peer closes early, so count bytes.
     if total is not None and received != total:
         raise DownloadError(
@@ -171,35 +160,3 @@ def _offline_message(url: str, reason) -> str:
         f"download of {url} failed ({reason}): this machine seems to be offline; "
         "copy the checkpoint here by other means and pass --checkpoint PATH"
     )
-
-
-class _ProgressBar:
-    """One self-rewriting line on stderr: name, percent, MB done / total, speed."""
-
-    def __init__(self, name: str, total):
-        self.name, self.total = name, total
-        self.start = self.last = time.monotonic()
-        self._draw(0)
-
-    def update(self, received: int):
-        now = time.monotonic()
-        if now - self.last >= _PROGRESS_EVERY_S:
-            self.last = now
-            self._draw(received)
-
-    def close(self, received: int):
-        self._draw(received)
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    def _draw(self, received: int):
-        mb = received / 1e6
-        speed = mb / max(time.monotonic() - self.start, 1e-6)
-        if self.total:
-            done = received / self.total
-            bar = "#" * int(30 * done)
-            text = f"{done:4.0%} [{bar:<30}] {mb:.1f}/{self.total / 1e6:.1f} MB"
-        else:
-            text = f"{mb:.1f} MB"
-        sys.stderr.write(f"\rdownloading {self.name}: {text} {speed:.1f} MB/s ")
-        sys.stderr.flush()

@@ -1,4 +1,5 @@
-"""Reading and writing Vim checkpoints: the one safe loader every entry point uses.
+"""Reading, filtering and writing Vim checkpoints: the one safe reader every entry point uses
+(building a model for a checkpoint is `vim_rpi.factory.load_model`).
 
 Accepted files: a released training checkpoint (a dict with 'model', 'model_ema', 'optimizer',
 'lr_scheduler', 'epoch', 'scaler' and 'args' as an argparse.Namespace), a bare state dict, a
@@ -7,13 +8,12 @@ dict with 'state_dict', and the files `save_checkpoint` / scripts/convert_checkp
 
 Safety: files are read with torch.load(weights_only=True) (argparse.Namespace allow-listed);
 anything else in the pickle is refused unless the caller explicitly trusts the file.
-Memory: files are memory-mapped, the chosen state dict's tensors become the model's parameters
-(`load_state_dict(assign=True)`) and the model is built on the meta device first, so a 115 MB
-released file costs about its 28 MB of weights in RSS, not its full size.
+Memory: files are memory-mapped and `load_into` makes the chosen state dict's tensors the
+model's parameters (`load_state_dict(assign=True)`), so with a model built on the meta device a
+115 MB released file costs about its 28 MB of weights in RSS, not its full size.
 """
 
 import argparse
-import logging
 import math
 import operator
 import os
@@ -25,17 +25,14 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
-import models_mamba
-from checkpoint_download import publish_temp_file
+from vim_rpi.checkpoint_download import publish_temp_file
+from vim_rpi.errors import CheckpointError
 
-_log = logging.getLogger("checkpoint_io")
+__all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "read_state_dict", "infer_architecture",
+           "checkpoint_filter_fn", "load_into", "model_record", "save_checkpoint", "save_weights"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 _CONTAINER_KEYS = ("model", "model_ema", "state_dict")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message says why and what to do."""
 
 
 def read_checkpoint(path, *, trust_pickle=False):
@@ -113,7 +110,7 @@ def extract_state_dict(obj, *, ema=False, source="checkpoint"):
 
 
 def _checked_meta(meta, source):
-    """The metadata with the types load_model relies on, or a CheckpointError naming the entry.
+    """The metadata with the types factory.load_model relies on, or a CheckpointError naming the entry.
     'device'/'dtype' in model_args are dropped: they say where a model was built, not what it is."""
     epoch = meta.get("epoch")
     try:  # only reported: an epoch stored as a tensor or a numpy integer is fine, anything else ignored
@@ -164,18 +161,6 @@ def infer_architecture(state_dict, img_size=224):
     return arch
 
 
-def fits(arch, name, overrides=None):
-    """Whether weights of architecture `arch` (from `infer_architecture`) are those of registered
-    model `name` built with constructor `overrides`."""
-    expected = {**models_mamba.model_architecture(name), **(overrides or {})}
-    return all(expected.get(k) == arch.get(k) for k in ("embed_dim", "depth", "patch_size", "stride"))
-
-
-def fitting_models(arch):
-    """Registered names whose architecture (with its defaults) matches `arch`."""
-    return [name for name in models_mamba.list_models() if fits(arch, name)]
-
-
 def _describe_mismatch(model, state_dict, limit=8):
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -223,7 +208,8 @@ def checkpoint_filter_fn(state_dict, model):
 
 def load_into(model, state_dict, *, source="checkpoint", fitting=()):
     """Strictly load `state_dict` into `model` (tensors are assigned, not copied). On any
-    mismatch raise one CheckpointError listing missing/unexpected keys and shapes."""
+    mismatch raise one CheckpointError listing missing/unexpected keys and shapes; `fitting`
+    names the registered models the weights would fit."""
     state_dict = checkpoint_filter_fn(state_dict, model)
     problems = _describe_mismatch(model, state_dict)
     if problems:
@@ -234,56 +220,8 @@ def load_into(model, state_dict, *, source="checkpoint", fitting=()):
     return model
 
 
-def load_model(checkpoint_path, model_name=None, *, ema=False, trust_pickle=False, input_size=None, **model_kwargs):
-    """Build a Vim model for the checkpoint at `checkpoint_path` and load it strictly, in eval mode.
-
-    model_name: a registered name or alias; None means the name stored in the file or the
-        registered architecture that fits the weights.
-    ema: use the 'model_ema' weights of a training checkpoint.
-    trust_pickle: allow arbitrary pickled objects (only for files from a trusted source).
-    input_size: image side to run at; when it differs from the checkpoint's, pos_embed is
-        resampled (fewer tokens is faster, at some accuracy cost).
-    model_kwargs: further architecture overrides.
-    Returns (model, info) with info: model, checkpoint, num_classes, input_size, epoch, ema.
-    """
-    source = os.fspath(checkpoint_path)
-    state_dict, meta = read_state_dict(checkpoint_path, ema=ema, trust_pickle=trust_pickle)
-    stored_args = dict(meta.get("model_args") or {})
-    trained_size = stored_args.get("img_size") or meta.get("input_size") or 224
-    arch = infer_architecture(state_dict, img_size=trained_size)
-    fitting = [meta["model_name"]] if meta.get("model_name") and models_mamba.is_model(meta["model_name"]) \
-        else fitting_models(arch)
-    if model_name is None:
-        if not fitting:
-            raise CheckpointError(f"cannot tell which model {source} is for (embed_dim {arch['embed_dim']}, depth "
-                                  f"{arch['depth']}); pass --model with one of: {', '.join(models_mamba.list_models())}")
-        model_name = fitting[0]
-    try:
-        name = models_mamba.resolve_model_name(model_name)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
-    if fitting and models_mamba.is_model(fitting[0]) and models_mamba.resolve_model_name(fitting[0]) != name:
-        stored_args = {}  # the stored overrides describe another model
-    kwargs = {**stored_args, "num_classes": arch["num_classes"], **model_kwargs}
-    kwargs["img_size"] = input_size or kwargs.get("img_size") or trained_size
-    try:
-        with torch.device("meta"):
-            model = models_mamba.create_model(name, **kwargs)
-    except (TypeError, ValueError, AssertionError, NotImplementedError, RuntimeError) as err:
-        raise CheckpointError(f"cannot build {name} with {kwargs} (from {source} and the options given): "
-                              f"{err}") from None
-    load_into(model, state_dict, source=source, fitting=[f for f in fitting if f != name])
-    if fitting and not fits(arch, name, kwargs):
-        _log.warning("warning: %s holds %s weights; loading them into %s as asked", source, " / ".join(fitting), name)
-    model.model_overrides = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
-    model.eval()
-    info = {"model": name, "checkpoint": source, "num_classes": arch["num_classes"], "input_size": kwargs["img_size"],
-            "trained_input_size": trained_size, "epoch": meta.get("epoch"), "ema": ema}
-    return model, info
-
-
 def model_record(model):
-    """'model_name' and 'model_args' entries that let `load_model` rebuild `model` from a file."""
+    """'model_name' and 'model_args' entries that let `factory.load_model` rebuild `model` from a file."""
     return {"model_name": getattr(model, "model_name", None), "model_args": dict(getattr(model, "model_overrides", {}))}
 
 

@@ -8,22 +8,19 @@ any number of processes reports the numbers of a single one.
 import copy
 import math
 import os
-import sys
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vim_rpi.errors import TrainingError
+from vim_rpi.progress import progress_bar
+
 __all__ = [
     "TrainingError", "init_distributed", "rank_and_world", "is_main_process", "shard",
-    "Progress", "evaluate", "train_one_epoch", "param_groups_weight_decay",
+    "evaluate", "train_one_epoch", "param_groups_weight_decay",
     "warmup_cosine_lr", "build_lr_scheduler", "ModelEma",
 ]
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. the loss became NaN); the message is for the user."""
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -60,58 +57,6 @@ def _all_reduce_sum(tensor):
     return tensor
 
 
-# ---------------------------------------------------------------- progress bar
-
-class Progress:
-    """A dependency-free progress bar on stderr.
-
-    On a terminal the line is redrawn in place (at most 5 times a second); otherwise (logs,
-    pipes) one line is printed per 10 % so a log file stays short.
-    """
-
-    def __init__(self, total, desc, enabled=True, stream=None):
-        self.total, self.desc, self.enabled = total, desc, enabled and total > 0
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.done, self.postfix = 0, ""
-        self.start = self.last_draw = time.monotonic()
-        self.next_decile = 1
-
-    def update(self, n, postfix=""):
-        self.done += n
-        self.postfix = postfix
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if self.tty and (now - self.last_draw >= 0.2 or self.done >= self.total):
-            self.stream.write("\r" + self._line(now))
-            self.last_draw = now
-        elif not self.tty and self.done * 10 >= self.next_decile * self.total:
-            self.stream.write(self._line(now) + "\n")
-            self.next_decile = self.done * 10 // self.total + 1
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def _line(self, now):
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        filled = 24 * self.done // self.total
-        bar = "#" * filled + "." * (24 - filled)
-        return (f"{self.desc} [{bar}] {self.done}/{self.total} {rate:.1f} img/s "
-                f"elapsed {_clock(elapsed)} eta {_clock(eta)} {self.postfix}").rstrip()
-
-
-def _clock(seconds):
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
-
-
 # ---------------------------------------------------------------- evaluation
 
 def _loader(dataset, indices, batch_size, num_workers, shuffle=False, generator=None):
@@ -123,7 +68,8 @@ def _loader(dataset, indices, batch_size, num_workers, shuffle=False, generator=
 @torch.no_grad()
 def evaluate(model, dataset, indices, *, batch_size=1, num_workers=0, device="cpu",
              show_progress=True, desc="eval"):
-    """Top-1 / top-5 accuracy and mean cross-entropy of `model` over dataset[indices].
+    """Top-1 / top-5 accuracy and mean cross-entropy of `model` (a module, or any callable from
+    images to logits, e.g. `Classifier.logits`) over dataset[indices].
 
     Every rank of a distributed job must call this with the same `indices`; it evaluates
     its shard and the totals are summed over ranks.
@@ -133,19 +79,20 @@ def evaluate(model, dataset, indices, *, batch_size=1, num_workers=0, device="cp
     """
     rank, world = rank_and_world()
     local = shard(indices, rank, world)
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     counts = torch.zeros(3, dtype=torch.int64)  # correct@1, correct@5, samples
     loss_sum = torch.zeros(1, dtype=torch.float64)
-    progress = Progress(len(local), f"{desc} (rank 0 of {world})" if world > 1 else desc,
-                        enabled=show_progress and rank == 0)
-    for images, targets in _loader(dataset, local, batch_size, num_workers):
-        logits = model(images.to(device)).float().cpu()  # (b, num_classes)
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (b, k)
-        hits = topk == targets[:, None]
-        counts += torch.tensor([hits[:, 0].sum(), hits.any(dim=1).sum(), len(targets)])
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
-        progress.update(len(targets), f"top-1 {100.0 * counts[0] / counts[2]:.2f}%")
-    progress.close()
+    with progress_bar(len(local), f"{desc} (rank 0 of {world})" if world > 1 else desc,
+                      enabled=show_progress and rank == 0, unit="img") as progress:
+        for images, targets in _loader(dataset, local, batch_size, num_workers):
+            logits = model(images.to(device)).float().cpu()  # (b, num_classes)
+            topk = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (b, k)
+            hits = topk == targets[:, None]
+            counts += torch.tensor([hits[:, 0].sum(), hits.any(dim=1).sum(), len(targets)])
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+            progress.set_postfix_str(f"top-1 {100.0 * counts[0] / counts[2]:.2f}%", refresh=False)
+            progress.update(len(targets))
     _all_reduce_sum(counts)
     _all_reduce_sum(loss_sum)
     correct1, correct5, count = (int(v) for v in counts)
@@ -171,27 +118,27 @@ def train_one_epoch(model, criterion, loader, optimizer, lr_scheduler, *, epoch,
     model.train()
     net = getattr(model, "module", model)
     totals = torch.zeros(2, dtype=torch.float64)  # loss * batch, samples
-    progress = Progress(len(loader.sampler), f"epoch {epoch}",
-                        enabled=show_progress and is_main_process())
     lr = optimizer.param_groups[0]["lr"]
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        loss = criterion(model(images), targets)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the training loss became {loss.item()} in epoch {epoch}; "
-                                f"stopping (try a lower --lr or --clip-grad)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        lr_scheduler.step()
-        if model_ema is not None:
-            model_ema.update(net)
-        totals += torch.tensor([loss.item() * len(targets), len(targets)], dtype=torch.float64)
-        progress.update(len(targets), f"loss {totals[0] / totals[1]:.4f} lr {lr:.2e}")
-    progress.close()
+    with progress_bar(len(loader.sampler), f"epoch {epoch}", enabled=show_progress and is_main_process(),
+                      unit="img") as progress:
+        for images, targets in loader:
+            images, targets = images.to(device), targets.to(device)
+            loss = criterion(model(images), targets)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the training loss became {loss.item()} in epoch {epoch}; "
+                                    f"stopping (try a lower --lr or --clip-grad)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            lr_scheduler.step()
+            if model_ema is not None:
+                model_ema.update(net)
+            totals += torch.tensor([loss.item() * len(targets), len(targets)], dtype=torch.float64)
+            progress.set_postfix_str(f"loss {totals[0] / totals[1]:.4f} lr {lr:.2e}", refresh=False)
+            progress.update(len(targets))
     _all_reduce_sum(totals)
     return {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan"), "lr": lr}
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import image_preprocess
+from vim_rpi import image_preprocess
+from vim_rpi.errors import DatasetError, SampleError
 
 __all__ = [
     "IMG_EXTENSIONS", "DatasetError", "SampleError", "FolderDataset",
@@ -28,14 +29,6 @@ __all__ = [
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, so the same files are picked up.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DatasetError(Exception):
-    """The dataset directory is unusable; the message is meant for the user."""
-
-
-class SampleError(Exception):
-    """One image of the dataset could not be read; the message names the file."""
 
 
 def split_dir(data_path, split):
@@ -158,13 +151,9 @@ class RandomResizedCropFlip:
 
 
 def to_normalized_tensor(image):
-    """PIL RGB image -> float32 tensor (3, H, W): [0, 1] then ImageNet mean/std, in float32
-    exactly as the last step of `image_preprocess.eval_transform`."""
-    pixels = np.asarray(image, dtype=np.uint8)  # (h, w, 3)
-    mean = np.asarray(image_preprocess.IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(image_preprocess.IMAGENET_STD, dtype=np.float32)
-    normalized = (pixels.astype(np.float32) / np.float32(255.0) - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
+    """PIL RGB image -> float32 tensor (3, H, W): [0, 1] then ImageNet mean/std, exactly as the
+    last step of `image_preprocess.eval_transform`."""
+    return image_preprocess.normalize(np.asarray(image, dtype=np.uint8))
 
 
 def _uniform(low, high):

@@ -1,12 +1,13 @@
-"""Image loading and the ImageNet evaluation transform, with PIL + numpy only.
+"""Image loading and the evaluation transform, with PIL + numpy only.
 
-``eval_transform`` equals torchvision's
+``eval_transform`` (with the model's crop_pct, mean and std; ImageNet's by default) equals torchvision's
 ``Resize(int(size / 0.875), BICUBIC) + CenterCrop(size) + ToTensor() + Normalize(mean, std)``
 on the same PIL image (the transform Vim's ``datasets.build_transform`` uses for evaluation),
 without importing torchvision: it does not import on every machine and costs start-up time and
 memory on a Raspberry Pi.
 
-``load_image`` decodes any image Pillow reads into RGB. Unlike torchvision's ImageFolder loader
+``load_image`` decodes any image Pillow reads, from a file or from bytes, into RGB;
+``to_image`` also takes a PIL image or an RGB uint8 numpy array (H, W, 3), e.g. a camera frame. Unlike torchvision's ImageFolder loader
 it applies the EXIF orientation, so a phone photo is classified the way it is displayed. With
 ``draft_size`` a large JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's
 draft mode), which cuts decode time and memory several-fold for camera photos, at the cost of
@@ -15,6 +16,9 @@ slightly different pixels; ``preprocess_image(..., exact=True)`` turns that off.
 
 from __future__ import annotations
 
+import functools
+import io
+import os
 import pathlib
 import warnings
 
@@ -22,21 +26,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vim_rpi.errors import ImageError
+from vim_rpi.registry import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 __all__ = [
-    "CROP_PCT",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "ImageError",
     "eval_transform",
     "load_image",
+    "normalize",
     "preprocess_image",
     "resize_size",
+    "to_image",
     "to_rgb",
+    "transform_for",
 ]
-
-CROP_PCT = 0.875
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Modes that Image.convert("RGB") maps correctly: 8-bit samples, or 1-bit.
 _DIRECT_MODES = {
@@ -48,20 +51,17 @@ _UINT16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 MAX_RESIZED_PIXELS = 1 << 24
 
 
-class ImageError(Exception):
-    """An image cannot be used; the message names the file and says what is wrong."""
-
-
-def resize_size(input_size: int) -> int:
-    """Short side the image is resized to before the center crop: int(input_size / 0.875)."""
-    return int(input_size / CROP_PCT)
+def resize_size(input_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
+    """Short side the image is resized to before the center crop: int(input_size / crop_pct)."""
+    return int(input_size / crop_pct)
 
 
 def load_image(path, *, draft_size: int | None = None) -> Image.Image:
-    """Decode an image file into an RGB PIL image, upright per its EXIF orientation.
+    """Decode an image file (or its bytes) into an RGB PIL image, upright per its EXIF orientation.
 
     Args:
-        path: image file (str or path-like).
+        path: image file (str or path-like), or the encoded image as bytes (named "image" in
+            messages).
         draft_size: if given and the file is a JPEG at least twice as large as needed, decode at
             a reduced scale whose short side is still >= draft_size.
 
@@ -74,34 +74,63 @@ def load_image(path, *, draft_size: int | None = None) -> Image.Image:
     """
     if draft_size is not None and (not isinstance(draft_size, int) or draft_size < 1):
         raise ValueError(f"draft_size must be a positive int, got {draft_size!r}")
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if not len(path):
+            raise ImageError("image: empty (no bytes)")
+        return _decode(lambda: io.BytesIO(path), "image", draft_size)
     path = pathlib.Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image file")
+    return _decode(lambda: open(path, "rb"), str(path), draft_size)
+
+
+def _decode(open_file, name: str, draft_size) -> Image.Image:
+    """Decode what `open_file()` returns; every failure becomes an ImageError naming `name`."""
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its pixel limit; both mean "do not decode".
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             # Opening the file ourselves keeps the decoded image valid after the file is closed.
-            with open(path, "rb") as f:
+            with open_file() as f:
                 img = Image.open(f)
                 if draft_size is not None:
                     _request_draft(img, draft_size)
                 img.load()
             ImageOps.exif_transpose(img, in_place=True)
         except PermissionError:
-            raise ImageError(f"{path}: permission denied; check the file's permissions") from None
+            raise ImageError(f"{name}: permission denied; check the file's permissions") from None
         except UnidentifiedImageError:
-            raise ImageError(f"{path}: not an image file (or not a format Pillow reads)") from None
+            raise ImageError(f"{name}: not an image file (or not a format Pillow reads)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(
-                f"{path}: refusing to decode a possible decompression bomb ({exc}); "
+                f"{name}: refusing to decode a possible decompression bomb ({exc}); "
                 "downscale the image first"
             ) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageError(f"{path}: truncated or corrupt image ({exc})") from None
-    return to_rgb(img, name=str(path))
+            raise ImageError(f"{name}: truncated or corrupt image ({exc})") from None
+    return to_rgb(img, name=name)
+
+
+def to_image(image, *, draft_size: int | None = None) -> Image.Image:
+    """Any supported input as an RGB PIL image: a path, encoded bytes (see `load_image`), a PIL
+    image (any mode, orientation kept as given), or an RGB uint8 numpy array (H, W, 3).
+
+    Raises:
+        ImageError: the input cannot be used as an image (the message says why).
+        TypeError: an input of another type.
+    """
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise ImageError(f"image array: expected RGB uint8 of shape (height, width, 3), got {image.dtype} "
+                             f"{image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image), "RGB")
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return load_image(image, draft_size=draft_size)
+    raise TypeError(f"image must be a path, bytes, a PIL image or a numpy array, got {type(image).__name__}")
 
 
 def _request_draft(img: Image.Image, draft_size: int) -> None:
@@ -156,18 +185,20 @@ def _check_input_size(input_size) -> None:
         raise ValueError(f"input_size must be a positive int, got {input_size!r}")
 
 
-def eval_transform(img: Image.Image, input_size: int = 224) -> torch.Tensor:
-    """The ImageNet evaluation transform of a PIL image.
+def eval_transform(img: Image.Image, input_size: int = 224, *, crop_pct: float = DEFAULT_CROP_PCT,
+                   mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """The evaluation transform of a PIL image (the model's pretrained cfg gives crop_pct, mean, std).
 
-    Short side -> s = int(input_size / 0.875) by PIL bicubic, long side -> int(s * long / short)
+    Short side -> s = int(input_size / crop_pct) by PIL bicubic, long side -> int(s * long / short)
     (torchvision's rule for Resize(int)), center crop with top = round((h - input_size) / 2),
-    scale to [0, 1], normalize with the ImageNet mean/std; all in float32 like torchvision.
+    scale to [0, 1], normalize with mean/std; all in float32 like torchvision.
     When the resized image would exceed MAX_RESIZED_PIXELS (aspect ratios beyond ~256:1), only
     the crop's region of the source is resized (PIL's box resize: slightly different pixels).
 
     Args:
         img: PIL image, any mode (converted with ``to_rgb``).
         input_size: side of the square crop.
+        crop_pct, mean, std: the crop fraction and per-channel normalization.
 
     Returns:
         float32 tensor (3, input_size, input_size).
@@ -176,7 +207,7 @@ def eval_transform(img: Image.Image, input_size: int = 224) -> torch.Tensor:
     img = to_rgb(img)
     width, height = img.size
     short, long = min(width, height), max(width, height)
-    new_short = resize_size(input_size)
+    new_short = resize_size(input_size, crop_pct)
     new_long = int(new_short * long / short)
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     # new_long >= new_short >= input_size, so the crop always fits and needs no padding.
@@ -190,21 +221,38 @@ def eval_transform(img: Image.Image, input_size: int = 224) -> torch.Tensor:
         if (new_w, new_h) != img.size:
             img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
         crop = np.asarray(img)[top : top + input_size, left : left + input_size]  # (h, w, 3) uint8
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    normalized = (crop.astype(np.float32) / np.float32(255.0) - mean) / std  # (h, w, 3)
+    return normalize(crop, mean, std)
+
+
+def transform_for(cfg, input_size: int):
+    """The evaluation transform (PIL image -> tensor) a model's pretrained cfg asks for: a
+    picklable callable, so DataLoader worker processes can use it."""
+    if cfg.get("interpolation", "bicubic") != "bicubic":
+        raise ValueError(f"only bicubic resizing is implemented, the cfg asks for {cfg['interpolation']!r}")
+    return functools.partial(eval_transform, input_size=input_size, crop_pct=cfg["crop_pct"], mean=tuple(cfg["mean"]),
+                             std=tuple(cfg["std"]))
+
+
+def normalize(pixels, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """uint8 (h, w, 3) pixels -> float32 (3, h, w): (pixels / 255 - mean) / std, as torchvision's
+    ToTensor + Normalize compute it."""
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+    normalized = (pixels.astype(np.float32) / np.float32(255.0) - mean) / std  # (h, w, 3)
     return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
 
 
-def preprocess_image(path, input_size: int = 224, exact: bool = False) -> torch.Tensor:
-    """Load an image file and apply the evaluation transform.
+def preprocess_image(path, input_size: int = 224, exact: bool = False, *, crop_pct: float = DEFAULT_CROP_PCT,
+                     mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """Load an image (any input `to_image` takes) and apply the evaluation transform.
 
     Args:
-        path: image file.
+        path: image file, encoded bytes, PIL image or RGB uint8 array (H, W, 3).
         input_size: crop side.
         exact: decode JPEGs at full resolution instead of the faster reduced-scale draft
             decode; the result is then bit-for-bit the official pipeline's, except for images
             with an EXIF orientation or 16-bit/float samples (see ``to_rgb``).
+        crop_pct, mean, std: see ``eval_transform``.
 
     Returns:
         float32 tensor (3, input_size, input_size).
@@ -213,8 +261,9 @@ def preprocess_image(path, input_size: int = 224, exact: bool = False) -> torch.
         ImageError: the file cannot be used as an image (see ``load_image``).
     """
     _check_input_size(input_size)
-    draft_size = None if exact else resize_size(input_size)
+    draft_size = None if exact else resize_size(input_size, crop_pct)
     try:
-        return eval_transform(load_image(path, draft_size=draft_size), input_size)
+        return eval_transform(to_image(path, draft_size=draft_size), input_size, crop_pct=crop_pct, mean=mean, std=std)
     except MemoryError:
-        raise ImageError(f"{path}: not enough memory to decode and resize this image") from None
+        name = path if isinstance(path, (str, os.PathLike)) else "image"
+        raise ImageError(f"{name}: not enough memory to decode and resize this image") from None

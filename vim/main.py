@@ -19,36 +19,31 @@ when it exists. Class indices are the sorted folder names, as torchvision's Imag
 Images go through the same loader and transform as infer_rpi.py (exact decode).
 """
 
+import argparse
+import dataclasses
+import functools
+import json
+import logging
 import os
+import random
+import sys
+from pathlib import Path
 
-# Before our kernel packages are imported: a CPU has none of upstream's compiled kernels to try.
-for _variable in ("CAUSAL_CONV1D_FORCE_FALLBACK", "SELECTIVE_SCAN_FORCE_FALLBACK"):
-    os.environ.setdefault(_variable, "TRUE")
+try:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import checkpoint_download  # noqa: E402
-import checkpoint_io  # noqa: E402
-import engine  # noqa: E402
-import folder_dataset  # noqa: E402
-import image_preprocess  # noqa: E402
-import models_mamba  # noqa: E402
-import runtime  # noqa: E402
+    from causal_conv1d.backends import use_backend
+    from vim_rpi import checkpoint_download, checkpoint_io, cli, engine, factory, folder_dataset, image_preprocess
+    from vim_rpi import runtime
+    from vim_rpi.classifier import Classifier
+    from vim_rpi.errors import CheckpointError, ConfigError, DatasetError, DownloadError, TrainingError
+except ModuleNotFoundError as missing:  # run from a checkout that was never installed
+    sys.exit(f"error: {missing}; install the project first: pip install -e causal-conv1d -e mamba-1p1p1 -e . "
+             f"(or bash scripts/setup_rpi.sh)")
 
 _log = logging.getLogger("main")
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DATA = 0, 1, 2, 3, 4
 
 EPILOG = f"""\
 output:
@@ -58,12 +53,8 @@ output:
   [{{"epoch", "train_loss", "lr", "eval"}}] and "output_dir". Progress and logs go to stderr
   (rank 0 only); training also appends one JSON line per epoch to OUTPUT_DIR/log.txt.
 
-exit status:
-  {EXIT_OK} success, {EXIT_FAILED} training failed (e.g. the loss became NaN, or a checkpoint could not
-  be written), {EXIT_USAGE} usage error,
-  {EXIT_CHECKPOINT} checkpoint missing or unusable, {EXIT_DATA} dataset missing, empty or with an \
-unreadable image.
-
+{cli.EXIT_CODES_HELP}
+{cli.ENVIRONMENT_HELP}
 distributed:
   torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; processes join with the gloo backend, so
   CPU-only machines work: on each of N Pis run
@@ -74,10 +65,6 @@ distributed:
 
 
 OUTPUT_FILES = ("checkpoint.pth", "best_checkpoint.pth", "log.txt")
-
-
-class _UsageError(Exception):
-    """A usage error only detectable once the model or dataset is known (exit 2)."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -96,7 +83,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     task.add_argument("--model", metavar="NAME",
                       help="registered model name or alias, e.g. vim_tiny [default: the "
                            "architecture stored in the checkpoint]")
-    runtime.add_checkpoint_arguments(task)
+    task.add_argument("--ema", action="store_true",
+                      help="use the checkpoint's model_ema weights instead of model")
+    task.add_argument("--trust-checkpoint", action="store_true",
+                      help="allow the checkpoint to unpickle arbitrary Python objects; this can "
+                           "run code, so only for files you trust")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", metavar="DIR", required=True,
@@ -145,8 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="seeds the new head, shuffling, augmentation, drop-path [%(default)s]")
 
     run = parser.add_argument_group("runtime")
-    run.add_argument("--device", default="cpu", metavar="DEV",
-                     help="cpu, or cuda where a CUDA build of torch finds a GPU [%(default)s]")
+    cli.add_runtime_arguments(run)
     run.add_argument("-t", "--threads", type=int, metavar="N",
                      help="CPU threads per process [default: torch's choice]")
     run.add_argument("--json", action="store_true", help="print one JSON object as the result")
@@ -155,8 +145,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
-    """Reject usage errors (exit 2) before any slow work; return the device to run on."""
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject usage errors (exit 2) before any slow work."""
     if args.eval and not args.resume:
         parser.error("--eval needs the checkpoint to evaluate: --resume CKPT")
     if args.eval and args.finetune:
@@ -166,15 +156,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tor
                      "or --model NAME to train from scratch)")
     if args.ema and not args.eval:
         parser.error("--ema selects the weights to evaluate; use it with --eval")
-    positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--limit": args.limit,
-                "--threads": args.threads}
+    if args.backend == "numba" and not args.eval:
+        parser.error("--backend numba runs inference only; train with --backend auto or torch")
+    positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--limit": args.limit}
     for flag, value in positive.items():
         if value is not None and value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.num_workers < 0:
         parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.input_size is not None and args.input_size < 16:
-        parser.error(f"--input-size must be >= 16 pixels, got {args.input_size}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if args.min_lr < 0 or args.warmup_lr < 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
@@ -190,7 +179,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tor
         for path in (out / name for name in OUTPUT_FILES):
             if path.is_dir():
                 parser.error(f"--output-dir: {path} is a directory")
-    return runtime.check_common_args(parser, args.model, args.device)
+    cli.check_environment(parser, args)
 
 
 # ---------------------------------------------------------------- shared steps
@@ -212,7 +201,7 @@ def fetch_checkpoint(spec: str, quiet: bool) -> Path:
     if int(os.environ.get("LOCAL_RANK", rank)) == 0:
         try:
             path = checkpoint_download.resolve_checkpoint(spec, progress=not quiet)
-        except checkpoint_download.DownloadError as exc:
+        except DownloadError as exc:
             error = exc  # raised after the barrier, so the waiting processes are released
     dist.barrier()
     if error is not None:
@@ -231,7 +220,7 @@ def check_class_count(dataset, num_classes: int) -> None:
     """Folder classes map to output indices 0..K-1 in sorted order; refuse impossible ones."""
     found = len(dataset.classes)
     if found > num_classes:
-        raise folder_dataset.DatasetError(
+        raise DatasetError(
             f"{dataset.root} has {found} class folders but the model predicts {num_classes} "
             f"classes; use a checkpoint for this dataset (or fine-tune one with --finetune)")
     if found < num_classes:
@@ -239,10 +228,8 @@ def check_class_count(dataset, num_classes: int) -> None:
                      "is scored as output class i", dataset.root, found, num_classes)
 
 
-def eval_dataset(data_path, input_size: int):
-    root = folder_dataset.split_dir(data_path, "val")
-    transform = functools.partial(image_preprocess.eval_transform, input_size=input_size)
-    return folder_dataset.FolderDataset(root, transform)
+def eval_dataset(data_path, transform):
+    return folder_dataset.FolderDataset(folder_dataset.split_dir(data_path, "val"), transform)
 
 
 def run_evaluation(model, dataset, indices, args, device, desc="eval") -> dict:
@@ -258,38 +245,38 @@ def format_eval(stats: dict) -> str:
 
 # ---------------------------------------------------------------- --eval
 
-def evaluate_checkpoint(args, device) -> dict:
+def evaluate_checkpoint(args) -> dict:
     """--eval: the report dict (see EPILOG)."""
     _, world = engine.rank_and_world()
     path = fetch_checkpoint(args.resume, args.quiet)
-    model, info = checkpoint_io.load_model(path, args.model, ema=args.ema,
-                                           trust_pickle=args.trust_checkpoint,
-                                           input_size=args.input_size)
-    input_size = info["input_size"]
-    dataset = eval_dataset(args.data_path, input_size)
-    check_class_count(dataset, info["num_classes"])
+    clf = Classifier(path, args.model, input_size=args.input_size, backend=args.backend, device=args.device,
+                     ema=args.ema, trust_checkpoint=args.trust_checkpoint, warmup=False)
+    dataset = eval_dataset(args.data_path, clf.transform)
+    check_class_count(dataset, clf.num_classes)
     indices = subset_indices(len(dataset), args.limit)
     _log.info("evaluating %s (%s) on %d of %d images in %s, %d classes, input %d px, "
-              "%d process(es)", info["model"], path, len(indices), len(dataset),
-              dataset.root, len(dataset.classes), input_size, world)
-    stats = run_evaluation(model.to(device), dataset, indices, args, device)
-    return {"mode": "eval", "model": info["model"], "checkpoint": str(path),
+              "%d process(es)", clf.model_name, path, len(indices), len(dataset),
+              dataset.root, len(dataset.classes), clf.input_size, world)
+    stats = run_evaluation(clf.logits, dataset, indices, args, clf.device)
+    return {"mode": "eval", "model": clf.model_name, "checkpoint": str(path),
             "data": dataset.root, "world_size": world, "eval": stats}
 
 
 # ---------------------------------------------------------------- training
 
-def training_datasets(data_path, input_size: int):
-    """(train dataset, val dataset or None, description of the augmentation)."""
+def training_datasets(data_path, model, input_size: int):
+    """(train dataset, val dataset or None, description of the augmentation); validation uses the
+    evaluation transform of the model's pretrained cfg, as --eval does."""
     root = Path(data_path)
     if (root / "val").is_dir() and not (root / "train").is_dir():
-        raise folder_dataset.DatasetError(
+        raise DatasetError(
             f"{root} has val/ but no train/: put the training images in {root}/train/<class>/")
     transform, augmentation = folder_dataset.build_train_transform(input_size)
     train_set = folder_dataset.FolderDataset(folder_dataset.split_dir(root, "train"), transform)
-    val_set = eval_dataset(root, input_size) if (root / "val").is_dir() else None
+    val_transform = image_preprocess.transform_for(model.pretrained_cfg, input_size)
+    val_set = eval_dataset(root, val_transform) if (root / "val").is_dir() else None
     if val_set is not None and val_set.classes != train_set.classes:
-        raise folder_dataset.DatasetError(
+        raise DatasetError(
             f"{train_set.root} and {val_set.root} have different class folders")
     return train_set, val_set, augmentation
 
@@ -301,13 +288,13 @@ def starting_model(args):
     if not spec:
         _log.warning("no --finetune checkpoint: training %s from random weights", args.model)
         size = {} if args.input_size is None else {"img_size": args.input_size}
-        model = models_mamba.create_model(args.model, **size, **model_kwargs)
+        model = factory.create_model(args.model, **size, **model_kwargs)
         return model, {"model": model.model_name, "checkpoint": None,
                        "num_classes": model.num_classes,
                        "input_size": model.patch_embed.img_size[0]}, None
     path = fetch_checkpoint(spec, args.quiet)
-    model, info = checkpoint_io.load_model(path, args.model, trust_pickle=args.trust_checkpoint,
-                                           input_size=args.input_size, **model_kwargs)
+    model, info = factory.load_model(path, args.model, trust_pickle=args.trust_checkpoint,
+                                     input_size=args.input_size, **model_kwargs)
     state = None
     if args.resume:
         state = checkpoint_io.read_checkpoint(path, trust_pickle=args.trust_checkpoint)
@@ -319,7 +306,7 @@ def adapt_head(model, info, num_classes: int, resuming: bool) -> None:
     if info["num_classes"] == num_classes:
         return
     if resuming:
-        raise _UsageError(f"--resume {info['checkpoint']} has {info['num_classes']} classes but "
+        raise ConfigError(f"--resume {info['checkpoint']} has {info['num_classes']} classes but "
                           f"the dataset {num_classes}; to start a new run from it use --finetune")
     if info["checkpoint"] is not None:
         _log.warning("%s has %d classes, the dataset %d: training a new head (the checkpoint's "
@@ -332,11 +319,11 @@ def restore_training_state(state, optimizer, lr_scheduler, model_ema) -> int:
     """Load optimizer / schedule / EMA from a checkpoint dict; returns the epoch to start at."""
     missing = [key for key in ("optimizer", "lr_scheduler", "epoch") if state.get(key) is None]
     if missing:
-        raise checkpoint_io.CheckpointError(
+        raise CheckpointError(
             f"--resume: the checkpoint has no {', '.join(missing)} (not a training checkpoint); "
             f"use --finetune to start a new run from its weights")
     if "last_epoch" not in state["lr_scheduler"]:
-        raise checkpoint_io.CheckpointError(
+        raise CheckpointError(
             "--resume: the checkpoint's lr_scheduler was written by another trainer (e.g. "
             "upstream's timm scheduler) and cannot be continued; use --finetune instead")
     optimizer.load_state_dict(state["optimizer"])
@@ -376,7 +363,7 @@ def prepare_training(args, device) -> TrainingRun:
     rank, world = engine.rank_and_world()
     seed_everything(args.seed)  # the same new head on every rank
     model, info, state = starting_model(args)
-    train_set, val_set, augmentation = training_datasets(args.data_path, info["input_size"])
+    train_set, val_set, augmentation = training_datasets(args.data_path, model, info["input_size"])
     adapt_head(model, info, len(train_set.classes), resuming=state is not None)
     model.to(device)
     model_ema = engine.ModelEma(model, args.model_ema_decay) if args.model_ema else None
@@ -434,7 +421,7 @@ def _make_output_dir(output_dir) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _UsageError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from None
 
 
 def train(args, device) -> dict:
@@ -467,7 +454,7 @@ def train(args, device) -> dict:
             try:
                 save_epoch(output_dir, run, epoch, record, is_best, args)
             except OSError as exc:
-                raise engine.TrainingError(f"cannot write to --output-dir {output_dir} after epoch {epoch}: "
+                raise TrainingError(f"cannot write to --output-dir {output_dir} after epoch {epoch}: "
                                            f"{exc.strerror or exc}") from None
     return {"mode": "train", "model": run.info["model"], "checkpoint": run.info["checkpoint"],
             "data": str(args.data_path), "world_size": world,
@@ -477,63 +464,42 @@ def train(args, device) -> dict:
 
 # ---------------------------------------------------------------- entry point
 
-def print_text(report: dict) -> None:
+def format_report(report: dict) -> str:
+    lines = []
     for record in report.get("epochs", []):
         line = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}"
-        print(line + (f", val {format_eval(record['eval'])}" if record["eval"] else ""))
+        lines.append(line + (f", val {format_eval(record['eval'])}" if record["eval"] else ""))
     if report["mode"] == "eval":
-        print(f"{report['model']} on {report['data']}: {format_eval(report['eval'])}")
-
-
-def _message(exc: Exception) -> str:
-    """The user-facing message of `exc`. An exception raised in a DataLoader worker is re-raised
-    with the worker's whole traceback as its message; its last line is the original one."""
-    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
-    return last[len(name):] if last.startswith(name) else last
+        lines.append(f"{report['model']} on {report['data']}: {format_eval(report['eval'])}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    runtime.escape_unencodable_stdout()
-    device = check_args(parser, args)
+    check_args(parser, args)
     rank = 0
-    try:
-        rank, _ = engine.init_distributed()
-        # Other ranks would repeat rank 0's log lines; they only report errors.
-        level = logging.ERROR if rank else logging.WARNING if args.quiet else logging.INFO
-        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+    def work():
+        nonlocal rank
+        rank, world = engine.init_distributed()
+        cli.setup(args.quiet, rank)  # other ranks would repeat rank 0's log lines: errors only
         if args.threads:
             runtime.set_threads(args.threads)
-        report = evaluate_checkpoint(args, device) if args.eval else train(args, device)
-    except _UsageError as exc:
-        parser.error(str(exc))
-    except (checkpoint_download.DownloadError, checkpoint_io.CheckpointError) as exc:
-        return _fail(exc, EXIT_CHECKPOINT, rank)
-    except (folder_dataset.DatasetError, folder_dataset.SampleError) as exc:
-        return _fail(exc, EXIT_DATA, rank)
-    except engine.TrainingError as exc:
-        return _fail(exc, EXIT_FAILED, rank)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        if args.eval:
+            report = evaluate_checkpoint(args)
+        else:
+            with use_backend(args.backend):
+                report = train(args, runtime.check_device(args.device))
+        if rank == 0:
+            print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return cli.EXIT_OK
+
+    try:
+        return cli.run(parser, work, prefix=lambda: f"error (rank {rank})" if engine.rank_and_world()[1] > 1 else "error")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if rank == 0:
-        if args.json:
-            print(json.dumps(report, indent=2))
-        else:
-            print_text(report)
-    return EXIT_OK
-
-
-def _fail(exc: Exception, status: int, rank: int) -> int:
-    _, world = engine.rank_and_world()
-    where = f" (rank {rank})" if world > 1 else ""
-    print(f"error{where}: {_message(exc)}", file=sys.stderr)
-    return status
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Process-level tuning for CPU inference: thread count, glibc malloc thresholds, peak memory.
 
-Used by infer_rpi.py and the benchmark, once per process, before the first forward.
+Used by the classifier (`vim_rpi.Classifier`) and the benchmark, once per process, before the
+first forward.
 """
 
 import ctypes
@@ -11,7 +12,9 @@ import sys
 
 import torch
 
-__all__ = ["set_threads", "tune_malloc", "peak_rss_mb"]
+from vim_rpi.errors import ConfigError
+
+__all__ = ["set_threads", "tune_malloc", "peak_rss_mb", "check_device"]
 
 _log = logging.getLogger(__name__)
 
@@ -80,42 +83,14 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def escape_unencodable_stdout() -> None:
-    """Print what stdout's encoding cannot hold (e.g. a file name that is not valid UTF-8)
-    backslash-escaped instead of failing with UnicodeEncodeError."""
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
-
-
-def check_common_args(parser, model_name, device_name):
-    """The checks infer_rpi.py and main.py share, as usage errors (parser.error, exit 2): the
-    model name, the SELECTIVE_SCAN_CPU_BACKEND setting, and the device (cpu, or cuda when
-    available). Returns the torch.device."""
-    import models_mamba
-    from mamba_ssm.ops.selective_scan_fast import cpu_backend
-
+def check_device(name) -> torch.device:
+    """The torch.device for `name` if it can run here (cpu, or cuda with a GPU), else a ConfigError."""
     try:
-        if model_name is not None:
-            models_mamba.resolve_model_name(model_name)
-        cpu_backend()
-    except (ValueError, RuntimeError) as e:
-        parser.error(str(e))
-    try:
-        device = torch.device(device_name)
+        device = torch.device(name)
     except RuntimeError:
-        parser.error(f"--device: {device_name!r} is not a device name; use cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here (CPU-only torch or no GPU); use --device cpu")
+        raise ConfigError(f"--device: {name!r} is not a device name; use cpu") from None
     if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {device_name}: only cpu and cuda are supported")
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available here (CPU-only torch or no GPU); use --device cpu")
     return device
-
-
-def add_checkpoint_arguments(parser):
-    """--ema and --trust-checkpoint, spelled and explained the same in every script."""
-    parser.add_argument("--ema", action="store_true",
-                        help="use the checkpoint's model_ema weights instead of model")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow the checkpoint to unpickle arbitrary Python objects; this can "
-                             "run code, so only for files you trust")
-

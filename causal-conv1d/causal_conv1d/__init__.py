@@ -9,9 +9,9 @@ from causal_conv1d.causal_conv1d_interface import (
     causal_conv1d_update,
     causal_conv1d_update_fast,
     causal_conv1d_update_ref,
-    use_backend,
     which_backend,
 )
+from causal_conv1d.backends import backend_report, use_backend
 
 __all__ = [
     "causal_conv1d_fn",
@@ -22,4 +22,5 @@ __all__ = [
     "causal_conv1d_update_fast",
     "which_backend",
     "use_backend",
+    "backend_report",
 ]

@@ -1,30 +1,59 @@
-"""Choosing, per call, which implementation runs an op.
+"""Which implementation runs a kernel call: the one backend module of `causal_conv1d` and
+`mamba_ssm` (it lives here, in the lower package, so both can use it).
 
-Backend names form one closed set:
-  "cuda" -- upstream's compiled extension (only for CUDA tensors, only when it is importable);
-  "fast" -- the pure-PyTorch kernels built for speed (what every CPU uses);
-  "ref"  -- the plain sequential pure-PyTorch kernels (slow, obviously correct).
+Backend names, a closed set:
+  "auto"  -- the default: each call gets the best implementation that can run it (below);
+  "ref"   -- the sequential pure-PyTorch reference kernels (slow, obviously correct);
+  "torch" -- the fast pure-PyTorch kernels;
+  "numba" -- compiled numba kernels for CPU inference: the selective scan and Vim's v2 mixer.
+             Ops without a numba kernel (the causal conv) run their torch kernel;
+  "cuda"  -- upstream's compiled extensions (`causal_conv1d_cuda`, `selective_scan_cuda`).
 
-The choice is made at call time, never at import time:
-  1. a `use(name)` context manager, if active, wins (an unavailable choice is an error);
-  2. the package's FORCE_FALLBACK environment variable, read on every call, means "fast";
-  3. CUDA tensors go to the extension when it imports, otherwise to "fast" with a one-time
-     warning (silent slowness is a bug);
-  4. everything else is "fast".
+Ops come in two families, each with its FORCE_FALLBACK variable and CUDA extension:
+"causal_conv1d" and "selective_scan" (the scan and the Mamba paths built on it).
 
-The same mechanism serves `causal_conv1d` and `mamba_ssm` (each with its own variable and
-extension), so it lives here, in the lower layer.
+"auto" resolves per call:
+  - a CUDA tensor goes to the family's extension when it imports and the family's
+    FORCE_FALLBACK variable is not true, else to "torch" (with a one-time warning when the
+    extension is missing and nothing asked for the fallback: silent slowness is a bug);
+  - a CPU selective-scan call that numba can take (inference, a supported shape and dtype)
+    follows SELECTIVE_SCAN_CPU_BACKEND: "numba" when it says numba (an error if numba cannot
+    run), or says auto (or is unset) and numba is installed; otherwise "torch". When numba is
+    installed but its kernels cannot be loaded, "auto" runs "torch" with a one-time warning
+    naming the cause. Other CPU scan calls (autograd, unsupported shapes) run "torch";
+  - everything else runs "torch".
+An explicit choice (`use_backend`) that cannot run a call raises a RuntimeError saying why;
+it never falls back silently.
+
+This module is the only place that reads the environment, on every call:
+  CAUSAL_CONV1D_FORCE_FALLBACK, SELECTIVE_SCAN_FORCE_FALLBACK  true/1/yes (any case): never the
+      family's CUDA extension under "auto";
+  SELECTIVE_SCAN_CPU_BACKEND  auto (default) | torch | numba: the CPU scan kernel under "auto".
 """
 
 import importlib
+import importlib.util
 import os
 import sys
 import threading
 import warnings
 from contextlib import contextmanager
 
-BACKENDS = ("cuda", "fast", "ref")
+BACKENDS = ("auto", "ref", "torch", "numba", "cuda")
+FAMILIES = {
+    # family -> (FORCE_FALLBACK variable, upstream's compiled module)
+    "causal_conv1d": ("CAUSAL_CONV1D_FORCE_FALLBACK", "causal_conv1d_cuda"),
+    "selective_scan": ("SELECTIVE_SCAN_FORCE_FALLBACK", "selective_scan_cuda"),
+}
+CPU_BACKEND_ENV = "SELECTIVE_SCAN_CPU_BACKEND"
+CPU_BACKENDS = ("auto", "torch", "numba")
 _TRUE_VALUES = ("true", "1", "yes")
+
+_local = threading.local()  # the use_backend override, per thread
+_failed_imports = set()  # extensions whose import raised once: not retried
+_warned = set()  # one-time warnings already given
+_numba_loader = None  # set by mamba_ssm: loads its numba kernels, returns None or why it cannot
+_numba_error = []  # the loader's result, once it ran: [None] or [reason]
 
 
 def env_flag(name):
@@ -32,80 +61,154 @@ def env_flag(name):
     return os.environ.get(name, "").strip().lower() in _TRUE_VALUES
 
 
-class BackendSwitch:
-    """Backend selection for one package.
+def _check_name(name, allowed=BACKENDS):
+    if name not in allowed:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(allowed)}")
 
-    Args:
-        force_env: name of the FORCE_FALLBACK environment variable.
-        extension: top-level module name of upstream's compiled CUDA extension.
+
+@contextmanager
+def use_backend(name):
+    """Run the calls of this thread inside the `with` block on backend `name` (one of BACKENDS;
+    "auto" undoes an outer choice). The previous choice is restored on exit."""
+    _check_name(name)
+    previous = getattr(_local, "name", "auto")
+    _local.name = name
+    try:
+        yield
+    finally:
+        _local.name = previous
+
+
+def current_backend():
+    """The backend chosen for this thread: a use_backend name, or "auto"."""
+    return getattr(_local, "name", "auto")
+
+
+def extension(family):
+    """Upstream's compiled module of `family`, or None. The import is attempted once; a module
+    placed in sys.modules later (e.g. a test double) is still found."""
+    name = FAMILIES[family][1]
+    module = sys.modules.get(name)
+    if module is not None or name in _failed_imports:
+        return module
+    try:
+        return importlib.import_module(name)
+    except Exception:  # a broken CUDA build raises OSError/RuntimeError, not only ImportError
+        _failed_imports.add(name)
+        return None
+
+
+def cpu_scan_setting():
+    """SELECTIVE_SCAN_CPU_BACKEND as one of CPU_BACKENDS (unset or empty: "auto")."""
+    value = os.environ.get(CPU_BACKEND_ENV, "").strip().lower() or "auto"
+    if value not in CPU_BACKENDS:
+        raise ValueError(f"{CPU_BACKEND_ENV} must be one of {', '.join(CPU_BACKENDS)}, got {value!r}")
+    return value
+
+
+def set_numba_loader(loader):
+    """Register the function that loads the numba kernels (mamba_ssm does, at import): it returns
+    None when they load, else a one-line reason. It runs at the first call that wants numba."""
+    global _numba_loader
+    _numba_loader = loader
+
+
+def numba_error():
+    """None when the numba kernels can run here, else why not (not installed, import or compile
+    failure). Loads them on first use; the answer is kept for the process."""
+    if importlib.util.find_spec("numba") is None:
+        return "numba is not installed (pip install numba)"
+    if _numba_loader is None:
+        return "no numba kernels are registered (import mamba_ssm)"
+    if not _numba_error:
+        _numba_error.append(_numba_loader())
+    return _numba_error[0]
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(family, x, *, needs_grad=False, numba_unsupported=None):
+    """The backend a call of `family` on tensor `x` runs on now: "ref", "torch", "numba" or "cuda".
+
+    needs_grad: the call must record autograd (the numba kernels cannot).
+    numba_unsupported: why the numba kernel cannot take this call's shapes/dtypes, or None.
+    Raises RuntimeError when an explicit choice cannot run the call, ValueError for a bad
+    SELECTIVE_SCAN_CPU_BACKEND value.
     """
+    name = current_backend()
+    if name in ("ref", "torch"):
+        return name
+    if name == "cuda":
+        return _explicit_cuda(family, x)
+    if name == "numba":
+        return _explicit_numba(family, x, needs_grad, numba_unsupported)
+    force_env, module = FAMILIES[family]
+    if x.is_cuda:
+        if env_flag(force_env):
+            return "torch"
+        if extension(family) is not None:
+            return "cuda"
+        _warn_once(module, f"{module} is not installed: CUDA tensors are processed by the pure-PyTorch "
+                           f"fallback, which is much slower. Install upstream's CUDA build, or set "
+                           f"{force_env}=TRUE to silence this warning.")
+        return "torch"
+    if family != "selective_scan" or x.device.type != "cpu":
+        return "torch"
+    setting = cpu_scan_setting()
+    if setting == "torch":
+        return "torch"
+    if needs_grad or numba_unsupported:
+        return "torch"  # the variable picks the kernel of the inference calls numba can take
+    if setting == "numba":  # asked for by name: numba must be able to run
+        return _explicit_numba(family, x, needs_grad, numba_unsupported, via=f"{CPU_BACKEND_ENV}=numba")
+    if importlib.util.find_spec("numba") is None:
+        return "torch"
+    error = numba_error()
+    if error is not None:
+        _warn_once("numba", f"numba kernels unavailable ({error}); running the pure-PyTorch kernels")
+        return "torch"
+    return "numba"
 
-    def __init__(self, force_env, extension):
-        self.force_env = force_env
-        self.extension_name = extension
-        self._import_failed = False
-        self._warned_cuda_fallback = False
-        self._local = threading.local()
 
-    def extension(self):
-        """The compiled extension module, or None. Import is attempted once; a module placed in
-        sys.modules later (e.g. by tests) is still found."""
-        module = sys.modules.get(self.extension_name)
-        if module is not None or self._import_failed:
-            return module
+def _explicit_cuda(family, x):
+    module = FAMILIES[family][1]
+    if extension(family) is None:
+        raise RuntimeError(f"backend 'cuda' needs upstream's compiled module {module}, which does not import "
+                           f"here; install upstream's CUDA build or use backend 'torch'.")
+    if not x.is_cuda:
+        raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got a tensor on {x.device}.")
+    return "cuda"
+
+
+def _explicit_numba(family, x, needs_grad, numba_unsupported, via="backend 'numba'"):
+    if family != "selective_scan":
+        return "torch"  # no numba kernel for this op: its torch kernel is part of the numba path
+    if x.is_cuda or x.device.type != "cpu":
+        raise RuntimeError(f"{via} runs on the CPU, got a tensor on {x.device}; use backend 'auto'.")
+    if needs_grad:
+        raise RuntimeError(f"{via}: the numba kernels run inference only (no autograd); use backend "
+                           f"'torch' or 'auto' for training, or run under torch.no_grad().")
+    if numba_unsupported:
+        raise RuntimeError(f"{via} cannot run this call: {numba_unsupported}; use backend 'torch' or 'auto'.")
+    error = numba_error()
+    if error is not None:
+        raise RuntimeError(f"{via}: {error}; use backend 'torch' or 'auto'.")
+    return "numba"
+
+
+def backend_report(x):
+    """What calls on tensor `x` would use now, for logs and CLI reports."""
+    report = {"backend": current_backend()}
+    for family in FAMILIES:
         try:
-            return importlib.import_module(self.extension_name)
-        except Exception:  # a broken CUDA build raises OSError/RuntimeError, not only ImportError
-            self._import_failed = True
-            return None
-
-    def forced_fallback(self):
-        return env_flag(self.force_env)
-
-    def override(self):
-        return getattr(self._local, "name", None)
-
-    def which(self, x):
-        """Name of the backend a call on tensor `x` would use now."""
-        name = self.override()
-        if name is not None:
-            if name == "cuda":
-                self._require_cuda(x)
-            return name
-        if self.forced_fallback():
-            return "fast"
-        if x.is_cuda:
-            if self.extension() is not None:
-                return "cuda"
-            if not self._warned_cuda_fallback:
-                self._warned_cuda_fallback = True
-                warnings.warn(
-                    f"{self.extension_name} is not installed: CUDA tensors are processed by the "
-                    f"pure-PyTorch fallback, which is much slower. Install upstream's CUDA build, or "
-                    f"set {self.force_env}=TRUE to silence this warning.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        return "fast"
-
-    def _require_cuda(self, x):
-        if self.extension() is None:
-            raise RuntimeError(
-                f"backend 'cuda' needs upstream's compiled module {self.extension_name}, which does "
-                f"not import here; install upstream's CUDA build or use backend 'fast'."
-            )
-        if not x.is_cuda:
-            raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got a tensor on {x.device}.")
-
-    @contextmanager
-    def use(self, name):
-        """Force backend `name` ("cuda", "fast" or "ref") inside a `with` block (this thread only);
-        the previous choice is restored on exit."""
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
-        previous = self.override()
-        self._local.name = name
-        try:
-            yield
-        finally:
-            self._local.name = previous
+            report[family] = resolve(family, x)
+        except (RuntimeError, ValueError) as error:
+            report[family] = f"error: {error}"
+    report["cpu_scan_setting"] = os.environ.get(CPU_BACKEND_ENV, "").strip().lower() or "auto"
+    for family, (_, module) in FAMILIES.items():
+        report[f"{module}_importable"] = extension(family) is not None
+    return report

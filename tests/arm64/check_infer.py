@@ -3,6 +3,7 @@
 The child is started through sys.executable, which the harness points at its qemu wrapper;
 run by scripts/ci_arm64.sh.
 """
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,10 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint_io
-import image_preprocess
-import imagenet_labels
-import models_mamba
+import vim_rpi
+from vim_rpi import checkpoint_io, factory, image_preprocess, imagenet_labels
 
 INFER = Path(__file__).resolve().parents[2] / "vim" / "infer_rpi.py"
 MODEL = "vim_tiny"
@@ -28,7 +27,7 @@ def checkpoint(tmp_path_factory):
     """A depth-2, width-64 Vim-Tiny at 112 pixels (49 patches) with random weights, saved as a
     training checkpoint; the stored architecture tells infer_rpi.py the input size."""
     torch.manual_seed(0)
-    model = models_mamba.create_model(MODEL, depth=2, embed_dim=64, img_size=112)
+    model = vim_rpi.create_model(MODEL, depth=2, embed_dim=64, img_size=112)
     # A wide head spreads the logits, so the top-5 order is not decided by rounding.
     torch.nn.init.normal_(model.head.weight, std=1.0)
     path = tmp_path_factory.mktemp("ckpt") / "vim_tiny_depth2.pth"
@@ -54,9 +53,9 @@ def test_infer_rpi_reports_what_the_model_computes(checkpoint, image, tmp_path):
     good, bad = report["results"]
     assert "topk" not in bad and str(missing) in bad["error"]
     assert report["torch"] == torch.__version__
-    assert report["backend"]["selective_scan"] == "fast"
+    assert report["backend"]["selective_scan"] == ("numba" if importlib.util.find_spec("numba") else "torch")
 
-    model, info = checkpoint_io.load_model(checkpoint, MODEL)
+    model, info = factory.load_model(checkpoint, MODEL)
     assert info["input_size"] == 112
     x = image_preprocess.preprocess_image(image, 112)
     with torch.no_grad():

@@ -8,11 +8,11 @@ import timm
 import torch
 import torch.nn as nn
 
-import models_mamba
-import quantization
+import vim_rpi
+from vim_rpi import models_mamba, quantization
 
-# Importing models_mamba registers with timm only when timm was imported first; another check
-# module of this run may have imported models_mamba earlier, so register explicitly.
+# Importing models_mamba registers with timm (timm imports here); registering again is a no-op,
+# and returns 0 when nothing was new.
 models_mamba.register_with_timm()
 
 SMALL = dict(depth=2, embed_dim=64, img_size=64, num_classes=10)  # a few ms natively, ~1 s emulated
@@ -20,17 +20,17 @@ VIM_TINY = "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_mi
 
 
 def test_every_registered_name_is_known_to_timm():
-    names = models_mamba.list_models()
+    names = vim_rpi.list_models()
     assert VIM_TINY in names and len(names) == 5
     assert set(names) <= set(timm.list_models("vim_*"))
 
 
-@pytest.mark.parametrize("name", models_mamba.list_models())
+@pytest.mark.parametrize("name", vim_rpi.list_models())
 def test_timm_create_model_builds_the_same_network(name):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **SMALL).eval()
     assert isinstance(model, models_mamba.VisionMamba)
-    ours = models_mamba.create_model(name, **SMALL).eval()
+    ours = vim_rpi.create_model(name, **SMALL).eval()
     ours.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_timm_builds_full_size_vim_tiny():
 
 def test_dynamic_int8_runs_on_this_cpu_and_stays_close():
     torch.manual_seed(0)
-    model = models_mamba.create_model("vim_tiny", **SMALL).eval()
+    model = vim_rpi.create_model("vim_tiny", **SMALL).eval()
     quantized = quantization.quantize_model(model, "dynamic-int8")
     assert not any(type(m) is nn.Linear for m in quantized.modules())
     x = torch.randn(2, 3, 64, 64)

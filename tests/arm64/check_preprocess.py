@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import image_preprocess
+from vim_rpi import image_preprocess
 
 # (width, height, mode, format): odd sizes, both orientations, up- and down-scaling.
 IMAGES = [

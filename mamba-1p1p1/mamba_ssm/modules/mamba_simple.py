@@ -8,7 +8,8 @@ Constructor arguments, parameter names (checkpoint keys) and results are upstrea
   - every path computes what upstream's fused CUDA path computes. Upstream's non-fused path
     (use_fast_path=False) runs only the forward direction of a "v2" mixer, ignoring all _b
     parameters and the /2, so `use_fast_path` is accepted but changes nothing here;
-  - on the "fast" backend a "v2" mixer runs both directions stacked (`mamba_ssm.ops.bimamba_v2`);
+  - a "v2" mixer runs through `mamba_ssm.ops.bimamba_v2.bimamba_v2_fn`, which picks the backend
+    (both directions stacked on "torch" and "numba");
     in eval mode without autograd it also caches its derived constants (A = -exp(A_log), stacked
     weights) until a parameter changes (in place, replaced, reloaded) or train()/eval() is
     called; writes through `param.data` or a `.numpy()` view are invisible to PyTorch's version
@@ -26,8 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from mamba_ssm.ops.backends import which_backend
-from mamba_ssm.ops.bimamba_v2 import bimamba_v2_fast
+from mamba_ssm.ops.bimamba_v2 import bimamba_v2_fn
 from mamba_ssm.ops.selective_scan_interface import (
     bimamba_inner_fn_no_out_proj,
     inner_projections,
@@ -160,10 +160,10 @@ class Mamba(nn.Module):
         if inference_params is not None:
             return self._forward_with_cache(hidden_states, inference_params)
         xz = self.in_proj(hidden_states)  # (b, l, 2 * d_inner)
-        if self.bimamba_type == "v2" and which_backend(hidden_states) == "fast":
-            c = self._v2_constants()
-            y = bimamba_v2_fast(xz, c.conv_weight, c.conv_bias, c.x_proj, c.dt_proj, c.A, c.D, self.dt_rank,
-                                self.if_divide_out)  # (b, l, d_inner)
+        if self.bimamba_type == "v2":
+            needs_grad = torch.is_grad_enabled() and (xz.requires_grad or any(p.requires_grad for p in self.parameters()))
+            y = bimamba_v2_fn(xz, self._v2_constants, self._v2_directions, self.dt_rank, self.if_divide_out,
+                              needs_grad)  # (b, l, d_inner)
         else:
             y = self._inner(xz.transpose(1, 2)).transpose(1, 2)
         return self._scale(self.out_proj(y))
@@ -184,13 +184,11 @@ class Mamba(nn.Module):
         args, kwargs = self._direction_args()
         if self.bimamba_type == "none":
             return mamba_inner_fn_no_out_proj(xz, *args, **kwargs)
-        if self.bimamba_type == "v1":
-            A_b = -torch.exp(_fp32(self.A_b_log))
-            return bimamba_inner_fn_no_out_proj(xz, *args, A_b, **kwargs)
-        args_b, kwargs_b = self._direction_args("_b")
-        y = mamba_inner_fn_no_out_proj(xz, *args, **kwargs)
-        y = y + mamba_inner_fn_no_out_proj(xz.flip(-1), *args_b, **kwargs_b).flip(-1)
-        return y / 2 if self.if_divide_out else y
+        A_b = -torch.exp(_fp32(self.A_b_log))
+        return bimamba_inner_fn_no_out_proj(xz, *args, A_b, **kwargs)
+
+    def _v2_directions(self):
+        return self._direction_args(), self._direction_args("_b")
 
     def _constants_key(self):
         modules = (self.conv1d, self.conv1d_b, self.x_proj, self.x_proj_b, self.dt_proj, self.dt_proj_b)

@@ -1,35 +1,35 @@
-"""Backend selection for the selective scan and the fused Mamba paths built on it.
+"""The selective-scan family's view of `causal_conv1d.backends` (one module decides for both
+packages): `which_backend`, and the loader that tells it whether the numba kernels run here.
 
-Same rules and names as `causal_conv1d.backends` ("cuda", "fast", "ref"), with the variable
-SELECTIVE_SCAN_FORCE_FALLBACK and upstream's compiled module `selective_scan_cuda`. This choice
-governs whole Mamba paths: under "ref" their convs use `causal_conv1d_ref`; the stacked v2 path
-("fast") runs its conv taps itself; the upstream compositions ("cuda", and v1/none on "fast")
-call `causal_conv1d_fn`, which follows causal_conv1d's own switch.
+The choice governs whole Mamba paths: under "ref" their convs use `causal_conv1d_ref`; the
+stacked v2 paths ("torch", "numba") run their conv taps themselves; the upstream compositions
+("cuda", and the v1/none mixers) call `causal_conv1d_fn`, which resolves its own family.
 """
 
-import causal_conv1d
-from causal_conv1d.backends import BackendSwitch
-from mamba_ssm.ops.selective_scan_fast import cpu_backend
+from causal_conv1d import backends
+from causal_conv1d.backends import backend_report, use_backend
 
-switch = BackendSwitch(force_env="SELECTIVE_SCAN_FORCE_FALLBACK", extension="selective_scan_cuda")
+__all__ = ["which_backend", "use_backend", "backend_report", "resolve_scan"]
+
+
+def resolve_scan(x, *, needs_grad=False, numba_unsupported=None):
+    """`backends.resolve` for the selective-scan family (see there)."""
+    return backends.resolve("selective_scan", x, needs_grad=needs_grad, numba_unsupported=numba_unsupported)
 
 
 def which_backend(x):
-    """Name of the backend ("cuda", "fast" or "ref") a selective-scan call on `x` would use now."""
-    return switch.which(x)
+    """Name of the backend ("ref", "torch", "numba" or "cuda") a selective-scan inference call on
+    `x` would use now."""
+    return resolve_scan(x)
 
 
-def use_backend(name):
-    """Context manager forcing backend `name` for selective-scan and Mamba calls in this thread."""
-    return switch.use(name)
+def _load_numba_kernels():
+    """None when the numba kernels import and compile here, else a one-line reason."""
+    try:
+        from mamba_ssm.ops import selective_scan_numba
+    except Exception as error:  # a broken numba or llvmlite fails in many ways
+        return f"numba failed to import: {type(error).__name__}: {error}".splitlines()[0]
+    return selective_scan_numba.load_error()
 
 
-def backend_report(x):
-    """What a call on tensor `x` would use, for logs and CLI reports."""
-    return {
-        "selective_scan": switch.which(x),
-        "causal_conv1d": causal_conv1d.which_backend(x),
-        "cpu_scan_kernel": cpu_backend(),  # SELECTIVE_SCAN_CPU_BACKEND: "torch" or "numba"
-        "selective_scan_cuda_importable": switch.extension() is not None,
-        "causal_conv1d_cuda_importable": causal_conv1d.causal_conv1d_interface.switch.extension() is not None,
-    }
+backends.set_numba_loader(_load_numba_kernels)

@@ -21,26 +21,16 @@ cumsum shortcut overflows in float32, so neither is used.
 
 When autograd needs to see the loop (training), the same math runs out of place.
 
-Inference scans can instead run on the optional numba kernel (`selective_scan_numba`: one fused
-pass, state in registers), chosen per call by SELECTIVE_SCAN_CPU_BACKEND:
-  auto (default, also when unset or empty)  numba when it is installed, else torch
-  torch                                     always this file's kernel
-  numba                                     numba; a RuntimeError when it is not installed
-Calls numba cannot take (autograd, other dtypes or devices, channels not a multiple of 32) use
-the torch kernel whatever the variable says.
+The optional numba kernel (`selective_scan_numba.scan_state_nd`) has the same contract; which
+one runs is decided by `causal_conv1d.backends`, not here.
 """
 
-import functools
-import importlib.util
 import math
-import os
 import threading
 
 import torch
 
 CHUNK_BYTES = 512 << 10
-CPU_BACKEND_ENV = "SELECTIVE_SCAN_CPU_BACKEND"
-CPU_BACKENDS = ("auto", "torch", "numba")
 
 _local = threading.local()
 
@@ -64,23 +54,6 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-@functools.lru_cache(maxsize=None)
-def numba_installed():
-    """Whether numba can be imported (looked up once, without importing it)."""
-    return importlib.util.find_spec("numba") is not None
-
-
-def cpu_backend():
-    """The inference scan kernel SELECTIVE_SCAN_CPU_BACKEND selects now: "torch" or "numba"."""
-    value = os.environ.get(CPU_BACKEND_ENV, "").strip().lower() or "auto"
-    if value not in CPU_BACKENDS:
-        raise ValueError(f"{CPU_BACKEND_ENV} must be one of {', '.join(CPU_BACKENDS)}, got {value!r}")
-    if value == "numba" and not numba_installed():
-        raise RuntimeError(f"{CPU_BACKEND_ENV}=numba but numba is not installed: pip install numba, "
-                           f"or set {CPU_BACKEND_ENV}=torch")
-    return "numba" if value == "numba" or (value == "auto" and numba_installed()) else "torch"
-
-
 def scan_state_nd(dt, x, At, B, C, D=None, h0=None):
     """Selective scan with the state stored as (n, d), plus the D skip.
 
@@ -95,13 +68,6 @@ def scan_state_nd(dt, x, At, B, C, D=None, h0=None):
         y, last = _scan_autograd(dt, dt * x, At.transpose(-1, -2), B, C,
                                  None if h0 is None else h0.transpose(-1, -2))
         return (y if D is None else torch.addcmul(y, x, D)), last.transpose(-1, -2)
-    if cpu_backend() == "numba":
-        from mamba_ssm.ops import selective_scan_numba  # imports numba (~50 MB): only when used
-
-        batch = dt.shape[1:-1]  # the kernel takes dt's batch dims; others must broadcast to them
-        others = (x.shape[1:-1], At.shape[:-2], B.shape[1:-1], C.shape[1:-1]) + (() if D is None else (D.shape[:-1],))
-        if selective_scan_numba.supports(dt) and all(_broadcast(s, batch) == batch for s in others):
-            return selective_scan_numba.scan_state_nd(dt, x, At, B, C, D, h0)
     y, last = _scan_inplace(dt, dt * x, At, B, C, h0)
     return (y if D is None else y.addcmul_(x, D)), last
 

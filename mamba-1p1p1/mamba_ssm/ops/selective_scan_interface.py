@@ -7,10 +7,11 @@ g groups of B/C, w conv width.
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t    h_0 = 0, h: (b, d, n)
     y_t = sum_n h_t * C_t + D * u_t ;  y = y * silu(z)  (D and z optional)
 
-Every public function dispatches per call (see `mamba_ssm.ops.backends`):
-  "fast" -- `selective_scan_fast` (time-major in-place scan) and compositions of fast kernels;
-  "ref"  -- the `*_ref` functions: plain sequential loops, obviously correct;
-  "cuda" -- upstream's compiled `selective_scan_cuda`, for CUDA tensors, when installed.
+Every public function dispatches per call (`causal_conv1d.backends`, family "selective_scan"):
+  "torch" -- `selective_scan_fast` (time-major in-place scan) and compositions of fast kernels;
+  "numba" -- the same with the compiled numba scan kernel (inference only);
+  "ref"   -- the `*_ref` functions: plain sequential loops, obviously correct;
+  "cuda"  -- upstream's compiled `selective_scan_cuda`, for CUDA tensors, when installed.
 Computation is in float32 (float64 stays float64); outputs come back in u's dtype.
 """
 
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
 from causal_conv1d.arg_checks import check_floating, shape_error
-from mamba_ssm.ops.backends import switch
+from causal_conv1d import backends
+from mamba_ssm.ops.backends import resolve_scan
 from mamba_ssm.ops.selective_scan_fast import scan_state_nd
 
 
@@ -112,6 +114,25 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
 
     Same arguments, shapes and results as `selective_scan_ref`.
     """
+    return _selective_scan_time_major(scan_state_nd, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                      return_last_state)
+
+
+def numba_scan_state_nd(*args):
+    """`selective_scan_numba.scan_state_nd`, importing numba at the first call only."""
+    from mamba_ssm.ops import selective_scan_numba  # imports numba (~50 MB): only when used
+
+    return selective_scan_numba.scan_state_nd(*args)
+
+
+def _selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    return _selective_scan_time_major(numba_scan_state_nd, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                      return_last_state)
+
+
+def _selective_scan_time_major(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """The fast scans: time-major views into a `scan_state_nd` kernel (torch or numba)."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     dtype = _compute_dtype(u)
     b, d, l = u.shape
@@ -122,7 +143,7 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     dt = _discretize_dt(delta, delta_bias, delta_softplus, dtype)
     # time-major views: d is split into (g, d/g) so a group's B/C broadcasts over its channels;
     # the kernel keeps the state as (n, d)
-    y, last = scan_state_nd(
+    y, last = scan(
         dt.view(b, g, d // g, l).permute(3, 0, 1, 2),
         uf.view(b, g, d // g, l).permute(3, 0, 1, 2),
         A.to(dtype).view(g, d // g, n).transpose(-1, -2),
@@ -143,7 +164,7 @@ class _CudaScan(torch.autograd.Function):
         z = z if z is None or z.stride(-1) == 1 else z.contiguous()
         ctx.squeeze_B, ctx.squeeze_C = B.dim() == 3, C.dim() == 3
         B, C = _groups(B), _groups(C)
-        out, x, *rest = switch.extension().fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out, x, *rest = backends.extension("selective_scan").fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         ctx.delta_softplus = delta_softplus
         ctx.has_z = z is not None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
@@ -155,7 +176,7 @@ class _CudaScan(torch.autograd.Function):
     def backward(ctx, dout, *unused):
         u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = switch.extension().bwd(
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = backends.extension("selective_scan").bwd(
             u, delta, A, B, C, D, z, delta_bias, dout, x, out if ctx.has_z else None, None,
             ctx.delta_softplus, False)
         dB = dB.squeeze(1) if ctx.squeeze_B else dB
@@ -171,7 +192,18 @@ def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return _CudaScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-_SCAN_IMPLS = {"cuda": _selective_scan_cuda, "fast": selective_scan_fast, "ref": selective_scan_ref}
+_SCAN_IMPLS = {"cuda": _selective_scan_cuda, "torch": selective_scan_fast, "numba": _selective_scan_numba,
+               "ref": selective_scan_ref}
+
+
+def _numba_unsupported(u, B, C):
+    """Why the numba scan kernel cannot take this call, or None (it runs d / groups channels per scan)."""
+    g = max(t.shape[1] if t.dim() == 4 else 1 for t in (B, C))
+    if u.dtype not in (torch.float32, torch.float64):
+        return f"dtype {u.dtype} (float32 or float64 only)"
+    if u.dim() == 3 and (u.shape[1] // g) % 32:
+        return f"{u.shape[1] // g} channels per group (a multiple of 32 needed)"
+    return None
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -182,7 +214,10 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     z: (b, d, l); delta_bias: (d,). Returns out (b, d, l) in u's dtype, or (out, last_state
     (b, d, n)) when return_last_state.
     """
-    return _SCAN_IMPLS[switch.which(u)](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    backend = resolve_scan(u, needs_grad=needs_grad, numba_unsupported=_numba_unsupported(u, B, C))
+    return _SCAN_IMPLS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, checkpoint_lvl):
@@ -255,7 +290,7 @@ def _ref_primitives():
 
 def _primitives(xz):
     """Conv and scan for a fused path: the references under "ref", else the dispatching ops."""
-    if switch.which(xz) == "ref":
+    if backends.current_backend() == "ref":
         return _ref_primitives()
     return (lambda x, w, b, activation: causal_conv1d_fn(x, w, b, activation=activation)), selective_scan_fn
 

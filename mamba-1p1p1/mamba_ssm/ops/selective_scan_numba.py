@@ -117,10 +117,26 @@ def _scan(dt, x, At, B, C, D, h0, y, h_last):
                 h_last[k, i, j0 + j] = h[i, j]
 
 
-def supports(dt):
-    """Whether `scan_state_nd` takes a scan with these dt (l, *batch, d): CPU, float32 or
-    float64, d a multiple of BLOCK (32)."""
-    return dt.device.type == "cpu" and dt.dtype in (torch.float32, torch.float64) and dt.shape[-1] % BLOCK == 0
+def unsupported(dt):
+    """Why `scan_state_nd` cannot take a scan with these dt (l, *batch, d), or None when it can:
+    CPU, float32 or float64, d a multiple of BLOCK (32)."""
+    if dt.device.type != "cpu":
+        return f"tensors on {dt.device} (CPU only)"
+    if dt.dtype not in (torch.float32, torch.float64):
+        return f"dtype {dt.dtype} (float32 or float64 only)"
+    if dt.shape[-1] % BLOCK:
+        return f"{dt.shape[-1]} channels per scan (a multiple of {BLOCK} needed)"
+    return None
+
+
+def load_error():
+    """None when the kernel compiles (or loads from the cache) and runs here, else a one-line reason."""
+    try:
+        ones = torch.ones(1, 1, BLOCK)
+        scan_state_nd(ones, ones, -ones.view(1, 1, BLOCK), ones[..., :1], ones[..., :1])
+    except Exception as error:  # numba's typing and lowering errors have no common base class
+        return f"the numba kernel failed to compile: {type(error).__name__}: {error}".splitlines()[0]
+    return None
 
 
 def scan_state_nd(dt, x, At, B, C, D=None, h0=None):
@@ -130,6 +146,9 @@ def scan_state_nd(dt, x, At, B, C, D=None, h0=None):
     B, C: (l, *batch, n);  D: broadcastable to (*batch, d) or None;  h0: (*batch, n, d) or None
     Returns y (l, *batch, d) = sum_n C h + D x, a view of a batch-major tensor, and h_l (*batch, n, d).
     """
+    reason = unsupported(dt)
+    if reason is not None:
+        raise ValueError(f"the numba scan kernel cannot take {reason}")
     l, d, n = dt.shape[0], dt.shape[-1], At.shape[-2]
     batch = dt.shape[1:-1]
     K = math.prod(batch)

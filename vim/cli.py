@@ -1,0 +1,132 @@
+"""What the command-line front ends share: model options, exit codes, the error-to-exit-code
+convention, logging and stdout set-up.
+
+Exit codes: 0 success, 1 failed (training), 2 usage error (argparse's), 3 checkpoint could not be
+fetched or loaded, 4 input data failed (some images, or the dataset), 130 interrupted.
+Predictable problems end with one line on stderr, never a traceback.
+"""
+
+import logging
+import os
+import sys
+
+from causal_conv1d import backends
+from vim_rpi import registry
+from vim_rpi.errors import (CheckpointError, ConfigError, DatasetError, DownloadError, ImageError, SampleError,
+                            TrainingError)
+
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_CHECKPOINT", "EXIT_DATA", "EXIT_INTERRUPTED",
+           "add_model_arguments", "add_runtime_arguments", "check_environment", "setup", "run", "exit_status"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+_STATUS = ((ConfigError, EXIT_USAGE), (CheckpointError, EXIT_CHECKPOINT), (DownloadError, EXIT_CHECKPOINT),
+           (ImageError, EXIT_DATA), (DatasetError, EXIT_DATA), (SampleError, EXIT_DATA),
+           (TrainingError, EXIT_FAILED))
+
+EXIT_CODES_HELP = f"""\
+exit status:
+  {EXIT_OK} success, {EXIT_FAILED} failed (training), {EXIT_USAGE} usage error, {EXIT_CHECKPOINT} checkpoint could not be \
+fetched or loaded,
+  {EXIT_DATA} input data failed (some images, or the dataset; the others are still processed), \
+{EXIT_INTERRUPTED} interrupted.
+"""
+
+ENVIRONMENT_HELP = """\
+environment:
+  VIM_RPI_CACHE                  download cache directory [~/.cache/vim-rpi]
+  CAUSAL_CONV1D_FORCE_FALLBACK   TRUE: never upstream's CUDA conv kernels under --backend auto
+  SELECTIVE_SCAN_FORCE_FALLBACK  TRUE: never upstream's CUDA scan kernels under --backend auto
+  SELECTIVE_SCAN_CPU_BACKEND     CPU scan kernel under --backend auto: auto, torch or numba [auto]
+"""
+
+
+def add_model_arguments(parser, *, model_flags=("-m", "--model"), checkpoint=True):
+    """The options that say which model to load and how (shared by infer_rpi.py and serve_rpi.py)."""
+    parser.add_argument(*model_flags, dest="model", metavar="NAME",
+                        help="registered model name or alias, e.g. vim_tiny, vim_small_stride8 "
+                             "[default: the one the checkpoint holds; Vim-Tiny without --checkpoint]")
+    if checkpoint:
+        parser.add_argument("-c", "--checkpoint", metavar="PATH|URL",
+                            help="checkpoint file or http(s) URL (downloaded once into the cache) "
+                                 "[default: the released weights of --model; Vim-Tiny's without it]")
+        parser.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1, metavar="N",
+                            help="CPU threads [%(default)s, this machine's cores]")
+        parser.add_argument("--quantize", choices=("none", "dynamic-int8"), default="none",
+                            help="dynamic-int8: int8 weights for the linear layers [%(default)s]")
+        parser.add_argument("--exact-preprocess", action="store_true",
+                            help="decode JPEGs at full size (the official pixels) instead of the "
+                                 "faster reduced-scale decode")
+    parser.add_argument("--input-size", type=int, metavar="PX",
+                        help="side of the square model input [default: the checkpoint's, 224]")
+    parser.add_argument("--ema", action="store_true",
+                        help="use the checkpoint's model_ema weights instead of model")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow the checkpoint to unpickle arbitrary Python objects; this can "
+                             "run code, so only for files you trust")
+
+
+def add_runtime_arguments(parser):
+    """--device and --backend."""
+    parser.add_argument("--device", default="cpu", metavar="DEV",
+                        help="cpu, or cuda where a CUDA build of torch finds a GPU [%(default)s]")
+    parser.add_argument("--backend", choices=backends.BACKENDS, default="auto",
+                        help="kernel backend: auto picks per call (upstream's CUDA kernels for CUDA "
+                             "tensors, numba or torch on the CPU) [%(default)s]")
+
+
+def check_environment(parser, args):
+    """Usage errors (exit 2) found without loading anything: the model name, positive counts,
+    the input size, SELECTIVE_SCAN_CPU_BACKEND."""
+    try:
+        if getattr(args, "model", None) is not None:
+            registry.resolve_model_name(args.model)
+        backends.cpu_scan_setting()
+    except ValueError as error:
+        parser.error(str(error))
+    for flag in ("threads", "input_size"):
+        value = getattr(args, flag, None)
+        minimum = 16 if flag == "input_size" else 1
+        if value is not None and value < minimum:
+            parser.error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def setup(quiet, rank=0):
+    """Logging to stderr (info unless quiet; other ranks of a distributed job: errors only), and
+    stdout that prints what its encoding cannot hold (a non-UTF-8 file name) backslash-escaped."""
+    level = logging.ERROR if rank else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
+def exit_status(error):
+    """The exit code for one of our errors (VimError subclasses)."""
+    for kind, status in _STATUS:
+        if isinstance(error, kind):
+            return status
+    return EXIT_FAILED
+
+
+def run(parser, work, *, prefix=lambda: "error"):
+    """Call `work()` and return its exit status; our errors become one line on stderr, after
+    `prefix()`, and their exit code (a ConfigError is a usage error: argparse's message, exit 2)."""
+    try:
+        return work()
+    except ConfigError as error:
+        parser.error(str(error))
+    except (CheckpointError, DownloadError, ImageError, DatasetError, SampleError, TrainingError) as error:
+        print(f"{prefix()}: {message(error)}", file=sys.stderr)
+        return exit_status(error)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def message(error):
+    """The user-facing line of `error`. An exception raised in a DataLoader worker is re-raised
+    with the worker's whole traceback as its message; its last line is the original one."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+    name = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
+
