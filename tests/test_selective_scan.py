@@ -304,7 +304,8 @@ def test_scan_bad_inputs_name_the_argument(impl):
         fn(u, delta, A, B, C, z=torch.zeros(2, 4, 6))
     with pytest.raises(ValueError, match=r"delta_bias must have shape \(dim,\) = \(4,\)"):
         fn(u, delta, A, B, C, delta_bias=torch.zeros(4, 1))
-    with pytest.raises(NotImplementedError, match="complex A"):
+    # complex A takes time-varying B/C as (real, imag) pairs: 2 * seqlen columns
+    with pytest.raises(ValueError, match=r"B must have shape \(batch, dstate, 2 \* seqlen\) = \(2, 3, 10\)"):
         fn(u, delta, A.to(torch.complex64), B, C)
     with pytest.raises(TypeError, match="u must be a floating-point tensor, got torch.int64"):
         fn(u.long(), delta, A, B, C)
@@ -393,7 +394,7 @@ def test_state_update_half_and_bad_shapes():
     for name, value in (("D", torch.zeros(5)), ("dt_bias", torch.zeros(4, 1))):
         with pytest.raises(ValueError, match=rf"{name} must have shape \(4,\)"):
             selective_state_update(state, **args, **{name: value})
-    with pytest.raises(ValueError, match=r"state must have shape \(batch, dim, dstate\), got \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"state must have shape \(batch, dim, dstate\) or \(batch, nheads, headdim, dstate\), got \(4, 3\)"):
         selective_state_update(state[0], **args)
     with pytest.raises(TypeError, match="state must be a floating-point tensor"):
         selective_state_update(state.long(), **args)  # would silently stay 0

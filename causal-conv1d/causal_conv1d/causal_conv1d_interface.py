@@ -7,7 +7,8 @@ Glossary: b batch, d channels, l sequence length, w kernel width, s conv-state l
 where xpad is x left-padded with w-1 zeros (or with `initial_states`), optionally followed by
 SiLU. `causal_conv1d_fn` and `causal_conv1d_update` dispatch per call (`causal_conv1d.backends`,
 family "causal_conv1d") to:
-  - "ref": `causal_conv1d_ref` / `causal_conv1d_update_ref`;
+  - "ref": `causal_conv1d_ref`: one depthwise F.conv1d over the padded input (upstream's
+    reference); `causal_conv1d_update_ref`: the new inputs fed through the state one at a time;
   - "torch": `causal_conv1d_fast` / `causal_conv1d_update_fast`: w shifted multiply-adds over the whole
     sequence (about 2.5x faster on a CPU than F.conv1d with its transposes);
   - "cuda": upstream's compiled `causal_conv1d_cuda` for CUDA tensors, when installed.
@@ -76,30 +77,30 @@ def _finish(out, x, initial_states, weight, return_final_states, final_states_ou
 
 def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_states=False,
                       final_states_out=None, activation=None, seq_idx=None):
-    """Reference: one output position at a time, computed in the weight's dtype.
+    """Reference: the definition as one depthwise `F.conv1d`, computed in the weight's dtype.
 
     x (b, d, l), weight (d, w), bias (d,), initial_states (b, d, w-1), seq_idx (b, l).
     Returns out (b, d, l) in x's dtype, and final states (b, d, w-1) when return_final_states.
-    With seq_idx, inputs from another sequence index than the output's do not contribute.
+    With seq_idx, inputs from another sequence index than the output's do not contribute: the
+    w-wide windows of xpad are masked and summed against the weight instead.
+    Cost and autograd graph grow like b * d * l * w (no loop over positions).
     """
     _check_fn_args(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, activation)
     b, d, l = x.shape
     w = weight.shape[1]
     dtype = weight.dtype
     head = x.new_zeros(b, d, w - 1, dtype=dtype) if initial_states is None else initial_states.to(dtype)
-    xpad = torch.cat([head, x.to(dtype)], dim=-1)  # (b, d, w-1+l)
-    outs = []
-    for t in range(l):
-        window = xpad[:, :, t:t + w]  # inputs t-w+1 .. t
-        if seq_idx is not None:
-            src = torch.arange(t - w + 1, t + 1, device=x.device)
-            same = (src >= 0) & (seq_idx[:, src.clamp(min=0)] == seq_idx[:, t:t + 1])  # (b, w)
-            window = window * same[:, None, :].to(dtype)
-        y = (window * weight).sum(-1)  # (b, d)
+    xpad = torch.cat([head, x.to(dtype)], dim=-1)  # (b, d, w-1+l): column t+k feeds output t via weight[:, k]
+    bias = None if bias is None else bias.to(dtype)
+    if seq_idx is None:
+        out = F.conv1d(xpad, weight.unsqueeze(1), bias, groups=d) if l else xpad[..., :0].clone()
+    else:
+        windows = xpad.unfold(-1, w, 1)  # (b, d, l, w): windows[..., t, k] = xpad[..., t + k] = x[..., t + k - (w-1)]
+        src = torch.arange(l, device=x.device)[:, None] + torch.arange(w, device=x.device) - (w - 1)  # (l, w)
+        same = (src >= 0) & (seq_idx[:, src.clamp(min=0)] == seq_idx[:, :, None])  # (b, l, w)
+        out = (windows * same[:, None].to(dtype) * weight[:, None, :]).sum(-1)
         if bias is not None:
-            y = y + bias.to(dtype)
-        outs.append(y)
-    out = torch.stack(outs, dim=-1) if outs else xpad[..., :0].clone()
+            out = out + bias[:, None]
     if activation is not None:
         out = F.silu(out)
     return _finish(out, x, initial_states, weight, return_final_states, final_states_out)
