@@ -8,7 +8,6 @@ start four more Python processes, too slow for this suite, so they are skipped h
 import importlib.util
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys

@@ -21,7 +21,6 @@ Images go through the same loader and transform as infer_rpi.py (exact decode).
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
 import os
