@@ -202,7 +202,7 @@ make_profile_root() {
 write_wrapper() {
     local wrapper=$1 root=$2 sysroot=$3 site=$4 cpu=$5 name=$6 pythonpath
     # vim_rpi is the vim/ directory under the package's own name (pip install -e . maps it so)
-    pythonpath=$HERE/guest-site:$site:$REPO/causal-conv1d:$REPO/mamba-1p1p1:$RUN/packages
+    pythonpath=$HERE/guest-site:$site:$REPO/causal-conv1d:$REPO/mamba-1p1p1:$RUN/python
     {
         echo '#!/usr/bin/env bash'
         echo "# aarch64 python 3.11 as profile $name ($cpu) under qemu user mode (ci_arm64.sh)"
@@ -298,8 +298,8 @@ main() {
     rm -rf "$CACHE"/.build-*  # left by an interrupted build
 
     RUN=$(mktemp -d "${TMPDIR:-/tmp}/vim-arm64.XXXXXX")
-    mkdir "$RUN/packages"
-    ln -s "$REPO/vim" "$RUN/packages/vim_rpi"
+    mkdir "$RUN/python"
+    ln -s "$REPO/vim" "$RUN/python/vim_rpi"
     arm64_sources >"$RUN/sources.list"
     package_list >"$RUN/packages"
 
