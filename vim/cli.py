@@ -34,7 +34,11 @@ fetched or loaded,
 
 ENVIRONMENT_HELP = """\
 environment:
-  VIM_RPI_CACHE                  download cache directory [~/.cache/vim-rpi]
+  HF_ENDPOINT                    Hugging Face Hub endpoint or mirror for the released weights [https://huggingface.co]
+  HF_HUB_OFFLINE                 1: use only the Hub cache, never the network
+  HF_HOME, HF_HUB_CACHE          where the Hub cache lives [~/.cache/huggingface, $HF_HOME/hub]
+  HF_TOKEN                       Hub access token (not needed for the released weights)
+  VIM_RPI_CACHE                  cache of checkpoint URLs (and of weights fetched before 0.3) [~/.cache/vim-rpi]
   CAUSAL_CONV1D_FORCE_FALLBACK   TRUE: never upstream's CUDA conv kernels under --backend auto
   SELECTIVE_SCAN_FORCE_FALLBACK  TRUE: never upstream's CUDA scan kernels under --backend auto
   SELECTIVE_SCAN_CPU_BACKEND     CPU scan kernel under --backend auto: auto, torch or numba [auto]
