@@ -100,6 +100,8 @@ def setup(quiet, rank=0):
     stdout that prints what its encoding cannot hold (a non-UTF-8 file name) backslash-escaped."""
     level = logging.ERROR if rank else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for client in ("httpx", "httpx2"):  # huggingface_hub's HTTP client logs every request at info level
+        logging.getLogger(client).setLevel(max(level, logging.WARNING))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
 

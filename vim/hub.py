@@ -125,21 +125,18 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
               "(a local copy of the file)")
     try:
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, force_download=refetch,
-                                                    library_name="vim-rpi", tqdm_class=_hub_bar(progress)))
+                                                    library_name="vim-rpi", tqdm_class=_hub_bar(os.path.basename(filename), progress)))
     except LocalEntryNotFoundError as err:
         if constants.HF_HUB_OFFLINE:
             raise DownloadError(f"{what} is not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, "
                                 f"so it was not downloaded; unset HF_HUB_OFFLINE to fetch it from {endpoint}, or "
                                 f"{advice}") from None
+        if isinstance(err.__cause__, HfHubHTTPError):  # the endpoint answered, with an error
+            raise _http_error(err.__cause__, what, repo_id, endpoint, advice) from None
         raise DownloadError(f"cannot fetch {what} from {endpoint} ({_root_cause(err)}): this machine seems to be "
                             f"offline or the endpoint is unreachable; {advice}") from None
     except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else None
-        if status in (401, 403):
-            raise DownloadError(f"{endpoint} refused {what} (HTTP {status}); if the repository needs a login, set "
-                                f"HF_TOKEN to an access token, or {advice}") from None
-        raise DownloadError(f"{endpoint} could not serve {what} (HTTP {status}); if HF_ENDPOINT names a mirror, check "
-                            f"that it mirrors {repo_id}, or pass --checkpoint PATH") from None
+        raise _http_error(err, what, repo_id, endpoint, advice) from None
     except ValueError as err:  # force_download refused: offline mode, or the metadata request failed
         if constants.HF_HUB_OFFLINE:
             raise DownloadError(f"cannot fetch {what} again: HF_HUB_OFFLINE is set; unset it, or {advice}") from None
@@ -147,6 +144,15 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
     except Exception as err:  # the HTTP client's own errors (httpx or httpx2, by version), disk errors
         raise DownloadError(f"download of {what} from {endpoint} failed ({_root_cause(err)}); run again to "
                             f"resume, or {advice}") from None
+
+
+def _http_error(err, what: str, repo_id: str, endpoint: str, advice: str) -> DownloadError:
+    status = err.response.status_code if err.response is not None else "error"
+    if status in (401, 403):
+        return DownloadError(f"{endpoint} refused {what} (HTTP {status}); if the repository needs a login, set "
+                             f"HF_TOKEN to an access token, or {advice}")
+    return DownloadError(f"{endpoint} could not serve {what} (HTTP {status}); if HF_ENDPOINT names a mirror, check "
+                         f"that it mirrors {repo_id}, or pass --checkpoint PATH")
 
 
 def _root_cause(err: BaseException) -> str:
@@ -157,13 +163,13 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _hub_bar(enabled: bool):
+def _hub_bar(filename: str, enabled: bool):
     """A `tqdm_class` for hf_hub_download: our bar (stderr, no carriage returns off a terminal,
-    hidden when not `enabled`) built from the arguments huggingface_hub passes. Its display
-    arguments (position, bar_format, leave) are dropped: one plain bar per file is ours."""
+    hidden when not `enabled`, named after the file rather than the URL) built from the counts
+    huggingface_hub passes; its display arguments (desc, position, bar_format...) are dropped."""
 
-    def make(*, total=None, initial=0, desc=None, unit="B", unit_scale=True, **_display):
-        return progress_bar(total, f"downloading {desc}", enabled=enabled, unit=unit, unit_scale=unit_scale,
+    def make(*, total=None, initial=0, unit="B", unit_scale=True, **_display):
+        return progress_bar(total, f"downloading {filename}", enabled=enabled, unit=unit, unit_scale=unit_scale,
                             initial=initial)
 
     return make
