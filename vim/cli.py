@@ -52,8 +52,9 @@ def add_model_arguments(parser, *, model_flags=("-m", "--model"), checkpoint=Tru
                              "[default: the one the checkpoint holds; Vim-Tiny without --checkpoint]")
     if checkpoint:
         parser.add_argument("-c", "--checkpoint", metavar="PATH|URL",
-                            help="checkpoint file or http(s) URL (downloaded once into the cache) "
-                                 "[default: the released weights of --model; Vim-Tiny's without it]")
+                            help="checkpoint file, http(s) URL or Hub file hf-hub:OWNER/REPO/FILE (downloaded "
+                                 "once into the cache) [default: the released weights of --model (from the "
+                                 "Hugging Face Hub, HF_ENDPOINT for a mirror); Vim-Tiny's without it]")
         parser.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1, metavar="N",
                             help="CPU threads [%(default)s, this machine's cores]")
         parser.add_argument("--quantize", choices=("none", "dynamic-int8"), default="none",
