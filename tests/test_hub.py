@@ -247,6 +247,8 @@ def test_missing_file_on_the_mirror(hub_server, tmp_path):
 def test_bad_hub_reference():
     with pytest.raises(vim_rpi.DownloadError, match="hf-hub:OWNER/REPO/FILE"):
         hub.fetch_checkpoint("hf-hub:only-a-repo")
+    with pytest.raises(vim_rpi.DownloadError, match=r"cannot fetch w.pth of a\.\.b/c: \w*Error"):
+        hub.fetch_checkpoint("hf-hub:a..b/c/w.pth")  # refused before any request
 
 
 # The timm stand-in of tests/test_models_mamba.py, in a fresh interpreter that has HF_ENDPOINT.

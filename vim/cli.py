@@ -34,7 +34,7 @@ fetched or loaded,
 
 ENVIRONMENT_HELP = """\
 environment:
-  HF_ENDPOINT                    Hugging Face Hub endpoint or mirror for the released weights [https://huggingface.co]
+  HF_ENDPOINT                    Hub endpoint or mirror for the released weights [https://huggingface.co]
   HF_HUB_OFFLINE                 1: use only the Hub cache, never the network
   HF_HOME, HF_HUB_CACHE          where the Hub cache lives [~/.cache/huggingface, $HF_HOME/hub]
   HF_TOKEN                       Hub access token (not needed for the released weights)

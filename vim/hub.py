@@ -123,9 +123,10 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
     endpoint = constants.ENDPOINT
     advice = (f"set HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT={MIRROR_EXAMPLE}) or pass --checkpoint PATH "
               "(a local copy of the file)")
+    bar = _hub_bar(os.path.basename(filename), progress)
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, force_download=refetch,
-                                                    library_name="vim-rpi", tqdm_class=_hub_bar(os.path.basename(filename), progress)))
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, force_download=refetch, library_name="vim-rpi",
+                                                    tqdm_class=bar))
     except LocalEntryNotFoundError as err:
         if constants.HF_HUB_OFFLINE:
             raise DownloadError(f"{what} is not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, "
@@ -137,13 +138,15 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
                             f"offline or the endpoint is unreachable; {advice}") from None
     except HfHubHTTPError as err:
         raise _http_error(err, what, repo_id, endpoint, advice) from None
-    except ValueError as err:  # force_download refused: offline mode, or the metadata request failed
+    except ValueError as err:  # a malformed repository or file name; when refetching, a download that could not start
+        if not refetch:
+            raise DownloadError(f"cannot fetch {what}: {_root_cause(err)}") from None
         if constants.HF_HUB_OFFLINE:
             raise DownloadError(f"cannot fetch {what} again: HF_HUB_OFFLINE is set; unset it, or {advice}") from None
         raise DownloadError(f"cannot fetch {what} again from {endpoint} ({_root_cause(err)}); {advice}") from None
     except Exception as err:  # the HTTP client's own errors (httpx or httpx2, by version), disk errors
         raise DownloadError(f"download of {what} from {endpoint} failed ({_root_cause(err)}); run again to "
-                            f"resume, or {advice}") from None
+                            f"retry, or {advice}") from None
 
 
 def _http_error(err, what: str, repo_id: str, endpoint: str, advice: str) -> DownloadError:
