@@ -4,8 +4,9 @@ A checkpoint argument (`spec`) is one of:
   - "hf-hub:OWNER/REPO/FILE" (timm's prefix): a file of a Hugging Face Hub repository, fetched
     with huggingface_hub's `hf_hub_download`, so HF_ENDPOINT (a mirror), HF_HUB_OFFLINE, HF_HOME /
     HF_HUB_CACHE (the cache shared with every other Hub user) and HF_TOKEN work as they do
-    everywhere else, and a connection cut mid-file resumes with a Range request. The released Vim
-    weights are such references (`factory.default_checkpoint`).
+    everywhere else; a connection cut mid-file is resumed within the run with a Range request
+    (huggingface_hub 2.x keeps no partial file for a later run). The released Vim weights are
+    such references (`factory.default_checkpoint`).
   - an http(s) URL: downloaded once into `$VIM_RPI_CACHE` (else `~/.cache/vim-rpi`) and reused
     from there without touching the network; like torch.hub, this cache is keyed by file name.
   - a local path, returned as it is.
