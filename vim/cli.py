@@ -38,7 +38,7 @@ environment:
   HF_HUB_OFFLINE                 1: use only the Hub cache, never the network
   HF_HOME, HF_HUB_CACHE          where the Hub cache lives [~/.cache/huggingface, $HF_HOME/hub]
   HF_TOKEN                       Hub access token (not needed for the released weights)
-  VIM_RPI_CACHE                  cache of checkpoint URLs (and of weights fetched before 0.3) [~/.cache/vim-rpi]
+  VIM_RPI_CACHE                  cache of checkpoint URLs (and of weights earlier versions fetched) [~/.cache/vim-rpi]
   CAUSAL_CONV1D_FORCE_FALLBACK   TRUE: never upstream's CUDA conv kernels under --backend auto
   SELECTIVE_SCAN_FORCE_FALLBACK  TRUE: never upstream's CUDA scan kernels under --backend auto
   SELECTIVE_SCAN_CPU_BACKEND     CPU scan kernel under --backend auto: auto, torch or numba [auto]

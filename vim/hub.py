@@ -11,7 +11,7 @@ A checkpoint argument (`spec`) is one of:
     from there without touching the network; like torch.hub, this cache is keyed by file name.
   - a local path, returned as it is.
 
-Migration: versions before 0.3 downloaded the released weights into `$VIM_RPI_CACHE`. A released
+Migration: earlier versions downloaded the released weights into `$VIM_RPI_CACHE`. A released
 file found there by name is used in place, before the Hub is asked: nobody downloads 115 MB
 again after upgrading, and nothing is copied or moved (the old cache may sit on another file
 system than the Hub cache, and paths to it may be written in people's scripts).
