@@ -162,6 +162,9 @@ def test_sample_through_the_mirror_then_offline_with_the_server_gone(hub_server,
     assert [(method, path) for method, path, _ in hub_server.log if "/resolve/" in path] == \
         [("HEAD", f"/{REPO}/resolve/main/{FILE}"), ("GET", f"/{REPO}/resolve/main/{FILE}")]
     assert not (tmp_path / "vim-rpi").exists()  # Hub files go to the Hub cache only
+    requests = len(hub_server.log)
+    assert _fetch(SPEC, env) == (0, str(cached))
+    assert not [path for _, path, _ in hub_server.log[requests:] if "/resolve/" in path]  # cached: not asked again
 
     hub_server.shutdown()
     hub_server.server_close()

@@ -5,8 +5,10 @@ A checkpoint argument (`spec`) is one of:
     with huggingface_hub's `hf_hub_download`, so HF_ENDPOINT (a mirror), HF_HUB_OFFLINE, HF_HOME /
     HF_HUB_CACHE (the cache shared with every other Hub user) and HF_TOKEN work as they do
     everywhere else; a connection cut mid-file is resumed within the run with a Range request
-    (huggingface_hub 2.x keeps no partial file for a later run). The released Vim weights are
-    such references (`factory.default_checkpoint`).
+    (huggingface_hub 2.x keeps no partial file for a later run). A file already in the Hub cache
+    is used without asking the endpoint again, as torch.hub does: released weights never change,
+    and a Pi on a poor link should not wait for a metadata request on every run. The released
+    Vim weights are such references (`factory.default_checkpoint`).
   - an http(s) URL: downloaded once into `$VIM_RPI_CACHE` (else `~/.cache/vim-rpi`) and reused
     from there without touching the network; like torch.hub, this cache is keyed by file name.
   - a local path, returned as it is.
@@ -126,6 +128,10 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
               "(a local copy of the file)")
     bar = _hub_bar(os.path.basename(filename), progress)
     try:
+        # Released files do not change: once cached, no request (and no wait on a bad link).
+        cached = None if refetch else huggingface_hub.try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            return Path(cached)
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, force_download=refetch, library_name="vim-rpi",
                                                     tqdm_class=bar))
     except LocalEntryNotFoundError as err:
