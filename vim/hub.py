@@ -273,15 +273,22 @@ def _receive(response, out, url: str, progress_name):
                     out.truncate()
                     bar.reset(total=total)
                     received = 0
+            cut = None
             with response:
-                try:
-                    while chunk := response.read(_CHUNK_BYTES):
-                        out.write(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-                except (OSError, http.client.HTTPException) as e:  # reset, timeout, bad chunking
-                    cause = e
-                    continue
+                while True:
+                    try:
+                        chunk = response.read(_CHUNK_BYTES)
+                    except (OSError, http.client.HTTPException) as e:  # reset, timeout, bad chunking
+                        cut = e
+                        break
+                    if not chunk:
+                        break
+                    out.write(chunk)  # a disk error here is not a cut: it ends the download
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if cut is not None:
+                cause = cut
+                continue
             # http.client returns b"" instead of raising when the peer closes early, so count bytes.
             if total is None or received == total:
                 return
