@@ -61,7 +61,7 @@ torch_pkgs=("torch==$TORCH_VERSION")
 "${pip[@]}" "${index[@]}" "${torch_pkgs[@]}"
 
 echo "== installing the other dependencies"
-"${pip[@]}" "numpy>=1.22" "pillow>=9.1" "tqdm>=4.60"
+"${pip[@]}" "numpy>=1.22" "pillow>=9.1" "tqdm>=4.60" "huggingface_hub>=1.1,<3"
 [ "$EXTRAS" = 0 ] || "${pip[@]}" "timm>=0.9"
 "${pip[@]}" -e causal-conv1d -e mamba-1p1p1 -e .
 
@@ -79,5 +79,6 @@ print(f"ok: torch {torch.__version__}, {torch.get_num_threads()} threads, "
       f"backend {mamba_ssm.backend_report(logits)}")
 PY
 echo
-echo "Done. Classify an image (downloads the Vim-Tiny weights, ~115 MB, on first use):"
-echo "  $VENV/bin/python vim/infer_rpi.py path/to/image.jpg"
+echo "Done. Classify the bundled sample photo (downloads the Vim-Tiny weights, ~115 MB, on first use;"
+echo "HF_ENDPOINT=https://hf-mirror.com for a mirror), or pass your own images:"
+echo "  $VENV/bin/python vim/infer_rpi.py"

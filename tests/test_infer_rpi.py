@@ -290,7 +290,6 @@ def test_checkpoint_errors_and_late_usage_error(files, main_in_process, tmp_path
     (["x.jpg", "--device", "gpu"], "device"),
     (["x.jpg", "--benchmark", "-1"], "--benchmark"),
     (["x.jpg", "--quantize", "int4"], "invalid choice"),
-    ([], "no image"),
     (["x.jpg", "--model", "vim_base"], "pass --checkpoint PATH"),
 ])
 def test_usage_errors_exit_2_before_any_work(args, needle, main_in_process):

@@ -13,7 +13,7 @@ PACKAGE = REPO / "vim"
 # Lowest first; a module may import modules of strictly lower layers.
 LAYERS = [
     {"errors", "registry", "imagenet_labels", "progress"},
-    {"vision_mamba", "checkpoint_download", "image_preprocess", "quantization", "runtime"},
+    {"vision_mamba", "hub", "image_preprocess", "quantization", "runtime"},
     {"checkpoint_io"},
     {"factory"},
     {"classifier", "folder_dataset", "engine"},

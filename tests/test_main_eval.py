@@ -114,7 +114,8 @@ def test_eval_matches_direct_computation(setup):
                            "--batch-size", 3, "--json"])
     assert code == 0, err
     assert "Traceback" not in err
-    report = json.loads(out)
+    report = json.loads(out)  # the progress bar is on stderr only
+    assert "eval: 100%" in err and "\r" not in err  # stderr is a pipe: plain lines, no redraws
     assert report["data"] == str(setup["data"] / "val") and report["world_size"] == 1
     _check(report["eval"], setup["direct"])
     # the folders are fewer than the model's classes: allowed, with a warning
@@ -126,8 +127,9 @@ def test_flat_layout_limit_and_text_output(setup, capsys):
     flat = setup["data"] / "val"
     code = main.main(["--eval", "--resume", str(setup["ckpt"]), "--data-path", str(flat), "--limit", "5",
                       "--threads", "1", "-q"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
+    assert "100%" not in err  # -q hides the progress bar
     picked = [setup["direct"][i] for i in (0, 2, 4, 7, 9)]  # i * 12 // 5
     hits1, hits5 = sum(r[0] for r in picked), sum(r[1] for r in picked)
     loss = sum(r[2] for r in picked) / 5

@@ -75,6 +75,7 @@ def test_finetune_learns(finetuned):
     report = finetuned["report"]
     assert "Traceback" not in finetuned["stderr"]
     assert "has 5 classes, the dataset 3: training a new head" in finetuned["stderr"]
+    assert "100%" not in finetuned["stderr"]  # -q hides the progress bars
     epochs = report["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]

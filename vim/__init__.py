@@ -5,8 +5,9 @@
 
 Layers, each importing only those below it (tests/test_layering.py checks this):
   errors, registry, imagenet_labels, progress          plain data and helpers (no torch)
-  vision_mamba, checkpoint_io, checkpoint_download,    the model (builds only), checkpoint I/O,
-  image_preprocess, quantization, runtime              weight fetching, preprocessing, tuning
+  vision_mamba, hub, image_preprocess,                 the model (builds only), weight fetching (Hub,
+  quantization, runtime                                URLs), preprocessing, tuning
+  checkpoint_io                                        reading and writing checkpoints
   factory                                              create_model / load_model
   classifier, folder_dataset, engine                   the Classifier API; training and evaluation
   cli                                                  what the command-line front ends share

@@ -25,8 +25,8 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
-from vim_rpi.checkpoint_download import publish_temp_file
-from vim_rpi.errors import CheckpointError
+from vim_rpi.errors import CheckpointError, DamagedCheckpointError
+from vim_rpi.hub import publish_temp_file
 
 __all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "read_state_dict", "infer_architecture",
            "checkpoint_filter_fn", "load_into", "model_record", "save_checkpoint", "save_weights"]
@@ -48,8 +48,8 @@ def read_checkpoint(path, *, trust_pickle=False):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # not a refused object: the file itself is broken
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (the pickle stream is "
-                                  f"damaged or not a checkpoint)") from None
+            raise DamagedCheckpointError(f"{path} is not a readable PyTorch checkpoint (the pickle stream is "
+                                         f"damaged or not a checkpoint)") from None
         if not trust_pickle:
             found = re.search(r"GLOBAL (\S+)", str(err))
             raise CheckpointError(
@@ -58,8 +58,9 @@ def read_checkpoint(path, *, trust_pickle=False):
                 f"loaded. If you trust where the file came from, pass "
                 f"--trust-checkpoint (trust_pickle=True).") from None
     except Exception as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                              f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'})") from None
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+        raise DamagedCheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                                     f"{detail})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:

@@ -48,7 +48,8 @@ class Classifier:
     """A loaded Vim model plus its preprocessing.
 
     Args:
-        checkpoint: a local file, an http(s) URL, or None for the released weights of `model`.
+        checkpoint: a local file, an http(s) URL, a Hub file "hf-hub:OWNER/REPO/FILE", or None for
+            the released weights of `model` (fetched from the Hugging Face Hub).
         model: registered name or alias; None means what the checkpoint holds (Vim-Tiny when no
             checkpoint is given either).
         threads: torch intra-op threads for this process (None: leave torch's setting).

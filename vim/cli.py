@@ -34,7 +34,11 @@ fetched or loaded,
 
 ENVIRONMENT_HELP = """\
 environment:
-  VIM_RPI_CACHE                  download cache directory [~/.cache/vim-rpi]
+  HF_ENDPOINT                    Hub endpoint or mirror for the released weights [https://huggingface.co]
+  HF_HUB_OFFLINE                 1: use only the Hub cache, never the network
+  HF_HOME, HF_HUB_CACHE          where the Hub cache lives [~/.cache/huggingface, $HF_HOME/hub]
+  HF_TOKEN                       Hub access token (not needed for the released weights)
+  VIM_RPI_CACHE                  cache of checkpoint URLs (and of weights earlier versions fetched) [~/.cache/vim-rpi]
   CAUSAL_CONV1D_FORCE_FALLBACK   TRUE: never upstream's CUDA conv kernels under --backend auto
   SELECTIVE_SCAN_FORCE_FALLBACK  TRUE: never upstream's CUDA scan kernels under --backend auto
   SELECTIVE_SCAN_CPU_BACKEND     CPU scan kernel under --backend auto: auto, torch or numba [auto]
@@ -48,8 +52,9 @@ def add_model_arguments(parser, *, model_flags=("-m", "--model"), checkpoint=Tru
                              "[default: the one the checkpoint holds; Vim-Tiny without --checkpoint]")
     if checkpoint:
         parser.add_argument("-c", "--checkpoint", metavar="PATH|URL",
-                            help="checkpoint file or http(s) URL (downloaded once into the cache) "
-                                 "[default: the released weights of --model; Vim-Tiny's without it]")
+                            help="checkpoint file, http(s) URL or Hub file hf-hub:OWNER/REPO/FILE (downloaded "
+                                 "once into the cache) [default: the released weights of --model (from the "
+                                 "Hugging Face Hub, HF_ENDPOINT for a mirror); Vim-Tiny's without it]")
         parser.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1, metavar="N",
                             help="CPU threads [%(default)s, this machine's cores]")
         parser.add_argument("--quantize", choices=("none", "dynamic-int8"), default="none",
@@ -96,6 +101,8 @@ def setup(quiet, rank=0):
     stdout that prints what its encoding cannot hold (a non-UTF-8 file name) backslash-escaped."""
     level = logging.ERROR if rank else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for client in ("httpx", "httpx2"):  # huggingface_hub's HTTP client logs every request at info level
+        logging.getLogger(client).setLevel(max(level, logging.WARNING))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
 

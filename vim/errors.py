@@ -1,8 +1,8 @@
 """The errors this package raises for things a user can get wrong: each message says what was
 wrong and what to do, so front ends print it as one line (see `cli.exit_status`)."""
 
-__all__ = ["VimError", "ConfigError", "CheckpointError", "DownloadError", "ImageError", "DatasetError", "SampleError",
-           "TrainingError"]
+__all__ = ["VimError", "ConfigError", "CheckpointError", "DamagedCheckpointError", "DownloadError", "ImageError",
+           "DatasetError", "SampleError", "TrainingError"]
 
 
 class VimError(Exception):
@@ -16,6 +16,11 @@ class ConfigError(VimError, ValueError):
 
 class CheckpointError(VimError):
     """A checkpoint that cannot be used (unreadable, unsafe, or not for this model)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """The file is not a readable checkpoint at all (truncated, corrupted, another kind of file):
+    a cached download in this state is fetched again."""
 
 
 class DownloadError(CheckpointError):

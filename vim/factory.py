@@ -4,6 +4,9 @@
     create_model("vim_tiny", pretrained=True)     the released weights (fetched once, cached)
     load_model("ckpt.pth")                        the model a checkpoint holds, loaded strictly
 
+Checkpoints are fetched by `vim_rpi.hub` (a path, a URL, or a Hub reference such as the released
+weights'); a cached download that turns out to be damaged is fetched again once, on its own.
+
 Both build on the meta device when weights follow, so parameters are allocated once, as the
 checkpoint's (memory-mapped) tensors.
 """
@@ -13,8 +16,8 @@ import os
 
 import torch
 
-from vim_rpi import checkpoint_download, checkpoint_io, registry
-from vim_rpi.errors import CheckpointError, ConfigError
+from vim_rpi import checkpoint_io, hub, registry
+from vim_rpi.errors import CheckpointError, ConfigError, DamagedCheckpointError, DownloadError
 from vim_rpi.vision_mamba import VisionMamba
 
 __all__ = ["create_model", "load_model", "fits", "fitting_models", "default_checkpoint"]
@@ -33,8 +36,7 @@ def create_model(name, pretrained=False, *, progress=False, **kwargs):
     name = registry.resolve_model_name(name)
     if not pretrained:
         return _build(name, kwargs)
-    path = checkpoint_download.resolve_checkpoint(default_checkpoint(name), progress=progress)
-    state_dict, _ = checkpoint_io.read_state_dict(path)
+    path, (state_dict, _) = _fetch_and_read(default_checkpoint(name), progress)
     with torch.device("meta"):
         model = _build(name, kwargs)
     checkpoint_io.load_into(model, state_dict, source=str(path))
@@ -50,12 +52,31 @@ def _build(name, overrides):
 
 
 def default_checkpoint(name=None):
-    """Where the released weights of registered model `name` (default: the default model) are."""
+    """The Hub reference ("hf-hub:OWNER/REPO/FILE") of the released weights of registered model
+    `name` (default: the default model)."""
     name = registry.resolve_model_name(name or registry.DEFAULT_MODEL)
-    url = registry.pretrained_cfg(name)["url"]
-    if url is None:
+    cfg = registry.pretrained_cfg(name)
+    if cfg["hf_hub_filename"] is None:
         raise ConfigError(f"no released weights are known for {name}; pass --checkpoint PATH")
-    return url
+    return hub.hub_reference(cfg["hf_hub_id"], cfg["hf_hub_filename"])
+
+
+def _fetch_and_read(spec, progress, **read_options):
+    """(local file, (state_dict, meta)) for checkpoint `spec`. A cached download that does not
+    load (a damaged file) is fetched again once; the warning and any error name the cached file."""
+    path = hub.fetch_checkpoint(spec, progress=progress)
+    try:
+        return path, checkpoint_io.read_state_dict(path, **read_options)
+    except DamagedCheckpointError as damaged:
+        if not hub.is_remote(spec):
+            raise
+        _log.warning("warning: %s; it is a cached download of %s: fetching it again", damaged, spec)
+        try:
+            path = hub.fetch_checkpoint(spec, progress=progress, refetch=True)
+        except DownloadError as err:
+            raise DownloadError(f"{damaged}; it is a cached download of {spec}, and fetching it again failed: "
+                                f"{err}") from None
+    return path, checkpoint_io.read_state_dict(path, **read_options)
 
 
 def fits(arch, name, overrides=None):
@@ -74,8 +95,9 @@ def load_model(checkpoint=None, model_name=None, *, ema=False, trust_pickle=Fals
                progress=False, **model_kwargs):
     """Build the Vim model for a checkpoint and load it strictly, in eval mode.
 
-    checkpoint: a local path, an http(s) URL (downloaded once into the cache), or None for the
-        released weights of `model_name` (of the default model when that is None too).
+    checkpoint: a local path, an http(s) URL or a Hub reference "hf-hub:OWNER/REPO/FILE"
+        (downloaded once into the cache), or None for the released weights of `model_name` (of
+        the default model when that is None too).
     model_name: a registered name or alias; None means the name stored in the file or the
         registered architecture that fits the weights.
     ema: use the 'model_ema' weights of a training checkpoint.
@@ -90,10 +112,9 @@ def load_model(checkpoint=None, model_name=None, *, ema=False, trust_pickle=Fals
     """
     if checkpoint is None:
         checkpoint = default_checkpoint(model_name)
-    path = checkpoint_download.resolve_checkpoint(checkpoint, progress=progress)
+    path, (state_dict, meta) = _fetch_and_read(checkpoint, progress, ema=ema, trust_pickle=trust_pickle)
     source = os.fspath(path)
-    _log.info("loading %s", source)
-    state_dict, meta = checkpoint_io.read_state_dict(path, ema=ema, trust_pickle=trust_pickle)
+    _log.info("loaded %s", source)
     stored_args = dict(meta.get("model_args") or {})
     trained_size = stored_args.get("img_size") or meta.get("input_size") or 224
     arch = checkpoint_io.infer_architecture(state_dict, img_size=trained_size)

@@ -1,12 +1,15 @@
 """Classify images with Vision Mamba on the CPU: built for a Raspberry Pi, runs on any CPU.
 
+    python vim/infer_rpi.py                  the bundled sample photo (vim/data/sample.jpg)
     python vim/infer_rpi.py photo.jpg
     python vim/infer_rpi.py --json --threads 4 --quantize dynamic-int8 a.jpg b.png
 
-A thin shell around `vim_rpi.Classifier`. Imports only torch, numpy, Pillow, tqdm and this
-project's packages (no torchvision, no timm), which keeps start-up time and memory low on a Pi.
-Without --checkpoint, the released Vim-Tiny weights are downloaded once into $VIM_RPI_CACHE
-(else ~/.cache/vim-rpi). Results go to stdout; progress, warnings and errors to stderr.
+A thin shell around `vim_rpi.Classifier`. Imports only torch, numpy, Pillow, tqdm, this
+project's packages and, to fetch the released weights, huggingface_hub (no torchvision, no timm),
+which keeps start-up time and memory low on a Pi.
+Without --checkpoint, the released Vim-Tiny weights are fetched once from the Hugging Face Hub
+(HF_ENDPOINT names a mirror) into its cache. Results go to stdout; progress, warnings and errors
+to stderr.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 try:
     from vim_rpi import cli
@@ -29,6 +33,8 @@ except ModuleNotFoundError as missing:  # run from a checkout that was never ins
 _log = logging.getLogger("infer_rpi")
 
 _WARMUP_RUNS = 2  # before --benchmark timing: first calls pay one-time allocation costs
+# Classified when no image is given, so a fresh machine has something to try (CC0, see SAMPLE_LICENSE.txt).
+SAMPLE_IMAGE = Path(__file__).resolve().parent / "data" / "sample.jpg"
 
 EPILOG = f"""\
 output:
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files to classify")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="image files to classify [the bundled sample photo, vim/data/sample.jpg]")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image file (older spelling of IMAGE; repeatable)")
     cli.add_model_arguments(parser)
@@ -70,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject usage errors (exit 2) before any slow work."""
     args.images = args.images + args.image
-    if not args.images:
-        parser.error("no image given; pass one or more image files")
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
     if args.benchmark < 0:
@@ -165,6 +170,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     cli.setup(args.quiet)
+    if not args.images:
+        args.images = [str(SAMPLE_IMAGE)]
+        _log.info("no image given: classifying the bundled sample %s", SAMPLE_IMAGE)
 
     def work():
         report, status = run(args)

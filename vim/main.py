@@ -34,8 +34,7 @@ try:
     import torch.distributed as dist
 
     from causal_conv1d.backends import use_backend
-    from vim_rpi import checkpoint_download, checkpoint_io, cli, engine, factory, folder_dataset, image_preprocess
-    from vim_rpi import runtime
+    from vim_rpi import checkpoint_io, cli, engine, factory, folder_dataset, hub, image_preprocess, runtime
     from vim_rpi.classifier import Classifier
     from vim_rpi.errors import CheckpointError, ConfigError, DatasetError, DownloadError, TrainingError
 except ModuleNotFoundError as missing:  # run from a checkout that was never installed
@@ -190,22 +189,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def fetch_checkpoint(spec: str, quiet: bool) -> Path:
-    """Local file for a path or URL. In a distributed job one process per machine downloads
-    while the others wait, then they find the file in the cache (or fail the same way)."""
+def fetch_checkpoint(spec: str, quiet: bool) -> str:
+    """Make sure checkpoint `spec` (path, URL or Hub reference) is fetched, and return it for
+    loading. In a distributed job one process per machine downloads while the others wait, then
+    they find the file in the cache (or fail the same way); a single process fetches while
+    loading, where a damaged cached download is fetched again."""
     rank, world = engine.rank_and_world()
     if world == 1:
-        return checkpoint_download.resolve_checkpoint(spec, progress=not quiet)
-    path = error = None
+        return spec
+    error = None
     if int(os.environ.get("LOCAL_RANK", rank)) == 0:
         try:
-            path = checkpoint_download.resolve_checkpoint(spec, progress=not quiet)
+            hub.fetch_checkpoint(spec, progress=not quiet)
         except DownloadError as exc:
             error = exc  # raised after the barrier, so the waiting processes are released
     dist.barrier()
     if error is not None:
         raise error
-    return path or checkpoint_download.resolve_checkpoint(spec, progress=False)
+    return spec
 
 
 def subset_indices(size: int, limit) -> list:
@@ -247,9 +248,10 @@ def format_eval(stats: dict) -> str:
 def evaluate_checkpoint(args) -> dict:
     """--eval: the report dict (see EPILOG)."""
     _, world = engine.rank_and_world()
-    path = fetch_checkpoint(args.resume, args.quiet)
-    clf = Classifier(path, args.model, input_size=args.input_size, backend=args.backend, device=args.device,
-                     ema=args.ema, trust_checkpoint=args.trust_checkpoint, warmup=False)
+    clf = Classifier(fetch_checkpoint(args.resume, args.quiet), args.model, input_size=args.input_size,
+                     backend=args.backend, device=args.device, ema=args.ema, trust_checkpoint=args.trust_checkpoint,
+                     progress=not args.quiet, warmup=False)
+    path = clf.checkpoint
     dataset = eval_dataset(args.data_path, clf.transform)
     check_class_count(dataset, clf.num_classes)
     indices = subset_indices(len(dataset), args.limit)
@@ -291,12 +293,12 @@ def starting_model(args):
         return model, {"model": model.model_name, "checkpoint": None,
                        "num_classes": model.num_classes,
                        "input_size": model.patch_embed.img_size[0]}, None
-    path = fetch_checkpoint(spec, args.quiet)
-    model, info = factory.load_model(path, args.model, trust_pickle=args.trust_checkpoint,
-                                     input_size=args.input_size, **model_kwargs)
+    model, info = factory.load_model(fetch_checkpoint(spec, args.quiet), args.model,
+                                     trust_pickle=args.trust_checkpoint, input_size=args.input_size,
+                                     progress=not args.quiet, **model_kwargs)
     state = None
     if args.resume:
-        state = checkpoint_io.read_checkpoint(path, trust_pickle=args.trust_checkpoint)
+        state = checkpoint_io.read_checkpoint(info["checkpoint"], trust_pickle=args.trust_checkpoint)
     return model, info, state
 
 
