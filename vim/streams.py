@@ -180,9 +180,9 @@ def picamera2_help(prefix=None, base_prefix=None, system_packages=_SYSTEM_DIST_P
     if not (system_packages / "picamera2").is_dir():
         steps.append("install it: sudo apt install python3-picamera2")
     if prefix != base_prefix and not _sees_system_packages(pathlib.Path(prefix)):
-        steps.append(f"this venv ({prefix}) does not see system packages: recreate it with them, "
-                     "bash scripts/setup_rpi.sh --system-site-packages (or python3 -m venv "
-                     f"--system-site-packages {prefix}, then reinstall this project into it)")
+        steps.append(f"this venv ({prefix}) does not see system packages; let it, keeping what it holds: "
+                     f"bash scripts/setup_rpi.sh --system-site-packages (or python3 -m venv --system-site-packages "
+                     f"{prefix})")
     if not steps:
         steps.append("python3-picamera2 is installed but does not import with this Python: run "
                      "`python3 -c 'import picamera2'` to see why")
