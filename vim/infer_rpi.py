@@ -223,8 +223,9 @@ def run_video(args) -> int:
     _log.info(f"classifying {source.name} (Ctrl-C stops)")
     stream = streams.LatestFrameStream(source, lambda pixels: clf.classify(pixels, args.topk),
                                        max_frames=args.max_frames, every_s=args.every_s)
+    frames = iter(stream)
     try:
-        for frame, prediction in stream:
+        for frame, prediction in frames:
             if args.json:
                 _emit(json.dumps({"frame": frame.index, "t_s": round(frame.t_s, 3), "topk": prediction.topk,
                                   "timing_ms": prediction.timing_ms}))
@@ -234,6 +235,8 @@ def run_video(args) -> int:
                       f"({prediction.timing_ms['inference']:.0f} ms)")
     except KeyboardInterrupt:
         _log.info("stopped")
+    finally:
+        frames.close()  # stops the reader thread and closes the source now, not when collected
     rate = stream.classified / stream.elapsed_s if stream.elapsed_s else 0.0
     _log.info(f"classified {stream.classified} of {stream.frames_read} frames in {stream.elapsed_s:.1f} s "
               f"({rate:.2f} per second)")
