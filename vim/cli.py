@@ -29,7 +29,7 @@ EXIT_CODES_HELP = f"""\
 exit status:
   {EXIT_OK} success, {EXIT_FAILED} failed (training), {EXIT_USAGE} usage error, {EXIT_CHECKPOINT} checkpoint could not be \
 fetched or loaded,
-  {EXIT_DATA} input data failed (some images, or the dataset; the others are still processed; or a video source),
+  {EXIT_DATA} input data failed (some images, or the dataset: the others are still processed; a video source),
   {EXIT_INTERRUPTED} interrupted (except a stream, which Ctrl-C ends like the end of its input).
 """
 
