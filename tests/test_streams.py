@@ -458,3 +458,15 @@ def test_missing_picamera2_says_what_to_do(assets, processes, tmp_path):
     assert streams.picamera2_help(str(venv), "/usr", tmp_path / "nothing") == (
         "install it: sudo apt install python3-picamera2")
     assert "does not import" in streams.picamera2_help("/usr", "/usr", system)
+
+
+def test_a_picamera2_that_fails_to_import_is_a_config_error(monkeypatch, tmp_path):
+    (tmp_path / "picamera2").mkdir()
+    (tmp_path / "picamera2" / "__init__.py").write_text(
+        'raise ValueError("numpy.dtype size changed, may indicate binary incompatibility")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(vim_rpi.ConfigError, match="fails to import .*system's numpy"):
+        streams.PiCameraSource()
+    monkeypatch.setitem(sys.modules, "picamera2", None)  # what an absent module looks like to import
+    with pytest.raises(vim_rpi.ConfigError, match="needs picamera2"):
+        streams.PiCameraSource()

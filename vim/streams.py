@@ -8,7 +8,7 @@ frames instead of building a backlog, and memory holds at most a few frames what
 A video file is replayed at its own frame rate, so it behaves like the camera that recorded it.
 
 Paths: `image_paths(path, recursive)` lists a directory's images, `read_paths(stream)` yields
-the paths of a text stream line by line as they arrive.
+the paths in a byte stream (a file, stdin) line by line as they arrive.
 
 OpenCV (files and camera indices) and picamera2 (the Pi camera module) are optional: each is
 imported only when its source is opened, and a missing one is a ConfigError saying how to
@@ -167,6 +167,10 @@ def _import_picamera2():
         import picamera2
     except ImportError as error:
         raise ConfigError(f"--video picam needs picamera2 ({error}). " + picamera2_help()) from None
+    except Exception as error:  # found, but broken: typically a numpy other than the one apt's build expects
+        raise ConfigError(f"--video picam: picamera2 fails to import ({type(error).__name__}: {error}); "
+                          "apt's picamera2 needs the system's numpy, which a numpy pip-installed into the venv "
+                          "hides") from None
     return picamera2
 
 
