@@ -273,7 +273,6 @@ class LatestFrameStream:
         timeout = self.camera_timeout_s if self.source.live else None
         try:
             while self.max_frames is None or self.classified < self.max_frames:
-                began = time.perf_counter()
                 try:
                     frame = self.holder.take(timeout)
                 except TimeoutError:
@@ -281,6 +280,7 @@ class LatestFrameStream:
                                       "it seems to be gone") from None
                 if frame is None:
                     break
+                began = time.perf_counter()
                 prediction = self.classify(frame.pixels)
                 self.classified += 1
                 self.elapsed_s = time.perf_counter() - start
