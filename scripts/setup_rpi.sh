@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One-command set-up on a fresh 64-bit Raspberry Pi OS (or any Linux CPU machine):
-#   bash scripts/setup_rpi.sh [--minimal]
+#   bash scripts/setup_rpi.sh [--minimal] [--system-site-packages]
 # Creates .venv in the repository, installs CPU-only PyTorch from PyTorch's CPU wheel index, the
 # other dependencies, both kernel packages (editable), and runs a smoke test.
-# --minimal skips the optional torchvision and timm.
+# --minimal skips the optional torchvision, timm and OpenCV (--video FILE|INDEX).
+# --system-site-packages lets the venv see apt's Python packages, for the Pi camera module
+#   (sudo apt install python3-picamera2; infer_rpi.py --video picam); running without it again
+#   turns that off. Either way an existing venv is updated, not recreated.
 # Overrides (environment):
 #   TORCH_VERSION        [2.9.1]   torch version (2.10.0 crashes at import on a Pi 4)
 #   TORCHVISION_VERSION  [0.24.1]  must match TORCH_VERSION
@@ -19,11 +22,13 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 MIN_FREE_MB=2000
 EXTRAS=1
+SYSTEM_SITE=0
 
 for arg in "$@"; do
   case "$arg" in
     --minimal) EXTRAS=0 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --system-site-packages) SYSTEM_SITE=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "setup_rpi.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -50,7 +55,9 @@ free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
 [ "$free_mb" -ge "$MIN_FREE_MB" ] || die "only ${free_mb} MB free here; PyTorch needs about ${MIN_FREE_MB} MB"
 
 echo "== creating $VENV"
-"$PYTHON" -m venv "$VENV"
+venv_args=()
+[ "$SYSTEM_SITE" = 0 ] || venv_args=(--system-site-packages)
+"$PYTHON" -m venv "${venv_args[@]}" "$VENV"
 pip=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 
 echo "== installing torch $TORCH_VERSION${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
@@ -63,6 +70,15 @@ torch_pkgs=("torch==$TORCH_VERSION")
 echo "== installing the other dependencies"
 "${pip[@]}" "numpy>=1.22" "pillow>=9.1" "tqdm>=4.60" "huggingface_hub>=1.1,<3"
 [ "$EXTRAS" = 0 ] || "${pip[@]}" "timm>=0.9"
+if [ "$EXTRAS" = 1 ]; then
+  pins=()
+  # apt's python3-picamera2 (and its simplejpeg) are built against the system's numpy: keep that
+  # numpy, so pip picks an OpenCV that works with it instead of installing a newer numpy over it.
+  if [ "$SYSTEM_SITE" = 1 ] && numpy_version=$("$VENV/bin/python" -c 'import numpy; print(numpy.__version__)' 2>/dev/null); then
+    pins=("numpy==$numpy_version")
+  fi
+  "${pip[@]}" -r scripts/requirements-camera.txt "${pins[@]}"
+fi
 "${pip[@]}" -e causal-conv1d -e mamba-1p1p1 -e .
 
 echo "== smoke test"

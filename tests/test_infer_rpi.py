@@ -172,7 +172,7 @@ def test_text_output_bad_images_and_no_torchvision_or_timm(files):
     _check_error_lines(err)
     imports = set(err.splitlines()[-1].split()[1:])
     assert {"torch", "numpy", "PIL", "mamba_ssm", "causal_conv1d"} <= imports
-    assert not imports & {"torchvision", "timm"}
+    assert not imports & {"torchvision", "timm", "cv2", "picamera2"}  # OpenCV and picamera2: only for --video
 
     lines = out.splitlines()
     for name in _BAD_IMAGES:

@@ -17,6 +17,7 @@ LAYERS = [
     {"checkpoint_io"},
     {"factory"},
     {"classifier", "folder_dataset", "engine"},
+    {"streams"},
     {"cli"},
     {"infer_rpi", "main", "models_mamba"},
 ]

@@ -37,3 +37,8 @@ def test_unknown_machine_and_option(tmp_path):
 def test_missing_python_is_reported(tmp_path):
     result = _run(tmp_path, "aarch64", python="python3-that-does-not-exist")
     assert result.returncode == 1 and "not found" in result.stderr
+
+
+def test_system_site_packages_is_an_option(tmp_path):
+    result = _run(tmp_path, "riscv64", "--system-site-packages", "--minimal")
+    assert result.returncode == 1 and "riscv64" in result.stderr  # parsed, then the machine is refused

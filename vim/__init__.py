@@ -10,6 +10,7 @@ Layers, each importing only those below it (tests/test_layering.py checks this):
   checkpoint_io                                        reading and writing checkpoints
   factory                                              create_model / load_model
   classifier, folder_dataset, engine                   the Classifier API; training and evaluation
+  streams                                              video sources, the latest-frame loop, path streams
   cli                                                  what the command-line front ends share
   infer_rpi, main, models_mamba                        front ends and upstream's compatibility module
 Names are loaded on first use, so `import vim_rpi` stays cheap.
@@ -36,6 +37,7 @@ _EXPORTS = {
     "CheckpointError": "vim_rpi.errors",
     "DownloadError": "vim_rpi.errors",
     "ImageError": "vim_rpi.errors",
+    "SourceError": "vim_rpi.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,7 +2,8 @@
 convention, logging and stdout set-up.
 
 Exit codes: 0 success, 1 failed (training), 2 usage error (argparse's), 3 checkpoint could not be
-fetched or loaded, 4 input data failed (some images, or the dataset), 130 interrupted.
+fetched or loaded, 4 input data failed (some images, the dataset, or a video source), 130
+interrupted (a stream that Ctrl-C ends is not: infer_rpi.py treats it as the end of its input).
 Predictable problems end with one line on stderr, never a traceback.
 """
 
@@ -13,7 +14,7 @@ import sys
 from causal_conv1d import backends
 from vim_rpi import registry
 from vim_rpi.errors import (CheckpointError, ConfigError, DatasetError, DownloadError, ImageError, SampleError,
-                            TrainingError)
+                            SourceError, TrainingError)
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_CHECKPOINT", "EXIT_DATA", "EXIT_INTERRUPTED",
            "add_model_arguments", "add_runtime_arguments", "check_environment", "setup", "run", "exit_status"]
@@ -21,15 +22,15 @@ __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_CHECKPOINT", "EXIT_DATA
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 _STATUS = ((ConfigError, EXIT_USAGE), (CheckpointError, EXIT_CHECKPOINT), (DownloadError, EXIT_CHECKPOINT),
-           (ImageError, EXIT_DATA), (DatasetError, EXIT_DATA), (SampleError, EXIT_DATA),
+           (ImageError, EXIT_DATA), (DatasetError, EXIT_DATA), (SampleError, EXIT_DATA), (SourceError, EXIT_DATA),
            (TrainingError, EXIT_FAILED))
 
 EXIT_CODES_HELP = f"""\
 exit status:
   {EXIT_OK} success, {EXIT_FAILED} failed (training), {EXIT_USAGE} usage error, {EXIT_CHECKPOINT} checkpoint could not be \
 fetched or loaded,
-  {EXIT_DATA} input data failed (some images, or the dataset; the others are still processed), \
-{EXIT_INTERRUPTED} interrupted.
+  {EXIT_DATA} input data failed (some images, or the dataset: the others are still processed; a video source),
+  {EXIT_INTERRUPTED} interrupted (except a stream, which Ctrl-C ends like the end of its input).
 """
 
 ENVIRONMENT_HELP = """\
@@ -122,7 +123,8 @@ def run(parser, work, *, prefix=lambda: "error"):
         return work()
     except ConfigError as error:
         parser.error(str(error))
-    except (CheckpointError, DownloadError, ImageError, DatasetError, SampleError, TrainingError) as error:
+    except (CheckpointError, DownloadError, ImageError, DatasetError, SampleError, SourceError,
+            TrainingError) as error:
         print(f"{prefix()}: {message(error)}", file=sys.stderr)
         return exit_status(error)
     except KeyboardInterrupt:

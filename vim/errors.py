@@ -2,7 +2,7 @@
 wrong and what to do, so front ends print it as one line (see `cli.exit_status`)."""
 
 __all__ = ["VimError", "ConfigError", "CheckpointError", "DamagedCheckpointError", "DownloadError", "ImageError",
-           "DatasetError", "SampleError", "TrainingError"]
+           "DatasetError", "SampleError", "SourceError", "TrainingError"]
 
 
 class VimError(Exception):
@@ -37,6 +37,10 @@ class DatasetError(VimError):
 
 class SampleError(VimError):
     """One image of a dataset could not be read; the message names the file."""
+
+
+class SourceError(VimError):
+    """A video source (file, camera) cannot be opened, or stopped delivering frames."""
 
 
 class TrainingError(VimError):

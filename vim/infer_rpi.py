@@ -2,11 +2,14 @@
 
     python vim/infer_rpi.py                  the bundled sample photo (vim/data/sample.jpg)
     python vim/infer_rpi.py photo.jpg
-    python vim/infer_rpi.py --json --threads 4 --quantize dynamic-int8 a.jpg b.png
+    python vim/infer_rpi.py --json --threads 4 --quantize dynamic-int8 a.jpg b.png photos/
+    python vim/infer_rpi.py --video 0 --every-s 1         # USB webcam (also: picam, clip.mp4)
+    find photos -name '*.jpg' | python vim/infer_rpi.py --paths-from - --json
 
-A thin shell around `vim_rpi.Classifier`. Imports only torch, numpy, Pillow, tqdm, this
-project's packages and, to fetch the released weights, huggingface_hub (no torchvision, no timm),
-which keeps start-up time and memory low on a Pi.
+A thin shell around `vim_rpi.Classifier` (and `vim_rpi.streams` for --video and --paths-from,
+which classify with the model loaded once). Imports only torch, numpy, Pillow, tqdm, this
+project's packages and, to fetch the released weights, huggingface_hub (no torchvision, no timm;
+OpenCV or picamera2 only for --video), which keeps start-up time and memory low on a Pi.
 Without --checkpoint, the released Vim-Tiny weights are fetched once from the Hugging Face Hub
 (HF_ENDPOINT names a mirror) into its cache. Results go to stdout; progress, warnings and errors
 to stderr.
@@ -16,15 +19,16 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 try:
-    from vim_rpi import cli
+    from vim_rpi import cli, streams
     from vim_rpi.classifier import Classifier
-    from vim_rpi.errors import ImageError
+    from vim_rpi.errors import ImageError, SourceError
     from vim_rpi.runtime import peak_rss_mb
 except ModuleNotFoundError as missing:  # run from a checkout that was never installed
     sys.exit(f"error: {missing}; install the project first: pip install -e causal-conv1d -e mamba-1p1p1 -e . "
@@ -45,6 +49,17 @@ output:
      "timing_ms": {{"preprocess", "inference"}}}}, ...], "benchmark": {{"median_ms", "p90_ms",
      "runs"}} (only with --benchmark)}}
     An image that could not be read appears in "results" with an "error" string and no "topk".
+    A directory stands for the images in it (sorted; --recursive descends).
+  --video SOURCE: one line per classified frame (seconds since the start, frame index, top-1
+    probability and label, inference ms); with --json, JSON Lines flushed per frame:
+    {{"frame", "t_s", "topk", "timing_ms"}}. The model always takes the newest frame: frames
+    that arrive while it is busy are skipped, never queued. SOURCE is a video file (replayed at
+    its frame rate), a camera index (0 = /dev/video0, through OpenCV) or picam (the Pi camera
+    module, through picamera2). Ends at the end of a file, after --max-frames, on Ctrl-C
+    (status 0), or when the camera goes away (one line, status {cli.EXIT_DATA}).
+  --paths-from FILE|-: image paths, one per line, each classified as it arrives; text blocks,
+    or with --json JSON Lines {{"image", "topk", "timing_ms"}} or {{"image", "error"}}.
+    Ctrl-C ends it like the end of the input (status 0, or {cli.EXIT_DATA} if a path failed).
 
 {cli.EXIT_CODES_HELP}
 {cli.ENVIRONMENT_HELP}"""
@@ -58,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help="image files to classify [the bundled sample photo, vim/data/sample.jpg]")
+                        help="image files, or directories of images, to classify [the bundled sample "
+                             "photo, vim/data/sample.jpg]")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image file (older spelling of IMAGE; repeatable)")
     cli.add_model_arguments(parser)
@@ -68,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="after warm-up, run the first image's forward N more times and "
                              "report median and p90 latency")
+    streaming = parser.add_argument_group("streams (the model is loaded once)")
+    streaming.add_argument("--video", metavar="SOURCE",
+                           help="classify frames continuously: a video file, a camera index (0 = "
+                                "/dev/video0) or picam (the Raspberry Pi camera module)")
+    streaming.add_argument("--max-frames", type=int, metavar="N", help="with --video: stop after N classified frames")
+    streaming.add_argument("--every-s", type=float, default=0.0, metavar="S",
+                           help="with --video: at most one classification every S seconds [%(default)s: "
+                                "as fast as the model goes]")
+    streaming.add_argument("--paths-from", metavar="FILE",
+                           help="read image paths from FILE (- for stdin), one per line, classifying "
+                                "each as it arrives")
+    streaming.add_argument("--recursive", action="store_true",
+                           help="directories given as IMAGE or in --paths-from: include sub-directories")
     cli.add_runtime_arguments(parser)
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar or information on stderr (errors still shown)")
@@ -77,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject usage errors (exit 2) before any slow work."""
     args.images = args.images + args.image
+    inputs = [flag for flag, given in (("IMAGE", args.images), ("--video", args.video is not None),
+                                       ("--paths-from", args.paths_from is not None)) if given]
+    if len(inputs) > 1:
+        parser.error(f"give one kind of input, not {' and '.join(inputs)}")
+    if args.video is None and (args.max_frames is not None or args.every_s):
+        parser.error("--max-frames and --every-s go with --video")
+    if args.video is not None and (args.benchmark or args.recursive):
+        parser.error("--benchmark and --recursive do not go with --video")
+    if args.paths_from is not None and args.benchmark:
+        parser.error("--benchmark does not go with --paths-from")
+    if args.max_frames is not None and args.max_frames < 1:
+        parser.error(f"--max-frames must be >= 1, got {args.max_frames}")
+    if not args.every_s >= 0:
+        parser.error(f"--every-s must be >= 0, got {args.every_s}")
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
     if args.benchmark < 0:
@@ -106,23 +149,39 @@ def benchmark(clf: Classifier, x, runs: int) -> dict:
     return {"median_ms": statistics.median(times), "p90_ms": times[math.ceil(0.9 * runs) - 1], "runs": runs}
 
 
+def classify_path(clf: Classifier, image, topk: int) -> tuple:
+    """One image file -> (result in the --json schema, its input tensor or None on failure)."""
+    try:
+        start = time.perf_counter()
+        x = clf.preprocess(image)
+        preprocess_ms = (time.perf_counter() - start) * 1e3
+    except ImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return {"image": image, "error": str(e)}, None
+    (top,), inference_ms = clf.predict(x.unsqueeze(0), topk)
+    return {"image": image, "topk": top, "timing_ms": {"preprocess": preprocess_ms, "inference": inference_ms}}, x
+
+
+def classify_paths(clf: Classifier, paths, topk: int, recursive: bool):
+    """Yield (result, input tensor or None) for each image the paths name (a directory: its
+    images, sorted; one error result when it holds none)."""
+    for path in paths:
+        images = streams.image_paths(path, recursive)
+        if not images:
+            message = f"{path}: no image files in this directory" + ("" if recursive else " (--recursive descends)")
+            print(f"error: {message}", file=sys.stderr)
+            yield {"image": path, "error": message}, None
+        for image in images:
+            yield classify_path(clf, image, topk)
+
+
 def run(args) -> tuple:
     """Everything after argument checks. Returns (report dict in the --json schema, exit status)."""
     clf = load(args)
     clf.check_topk(args.topk)
     results, first_input = [], None
-    for image in args.images:
-        try:
-            start = time.perf_counter()
-            x = clf.preprocess(image)
-            preprocess_ms = (time.perf_counter() - start) * 1e3
-        except ImageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            results.append({"image": image, "error": str(e)})
-            continue
-        (topk,), inference_ms = clf.predict(x.unsqueeze(0), args.topk)
-        results.append({"image": image, "topk": topk,
-                        "timing_ms": {"preprocess": preprocess_ms, "inference": inference_ms}})
+    for result, x in classify_paths(clf, args.images, args.topk, args.recursive):
+        results.append(result)
         if first_input is None:
             first_input = x
     info = clf.info()
@@ -143,17 +202,91 @@ def run(args) -> tuple:
     return report, cli.EXIT_DATA if failed else cli.EXIT_OK
 
 
+def _emit(line: str) -> None:
+    """One result line of a stream, flushed at once so a reader (| jq) sees it live."""
+    print(line, flush=True)
+
+
+def _ready(clf: Classifier) -> None:
+    """Warm the model up (so the first frame or path is not the slow one) and say what runs."""
+    clf.warmup()
+    info = clf.info()
+    _log.info(f"model {info['model']}, {info['threads']} threads, loaded in {clf.load_ms:.0f} ms")
+
+
+def run_video(args) -> int:
+    """--video: classify the newest frame whenever the model is free; one line per frame."""
+    source = streams.open_video(args.video)  # before the slow load: a missing camera fails at once
+    try:
+        clf = load(args)
+        clf.check_topk(args.topk)
+    except BaseException:
+        source.close()
+        raise
+    _ready(clf)
+    _log.info(f"classifying {source.name} (Ctrl-C stops)")
+    stream = streams.LatestFrameStream(source, lambda pixels: clf.classify(pixels, args.topk),
+                                       max_frames=args.max_frames, every_s=args.every_s)
+    frames = iter(stream)
+    try:
+        for frame, prediction in frames:
+            if args.json:
+                _emit(json.dumps({"frame": frame.index, "t_s": round(frame.t_s, 3), "topk": prediction.topk,
+                                  "timing_ms": prediction.timing_ms}))
+            else:
+                best = prediction.topk[0]
+                _emit(f"{frame.t_s:8.2f} s  frame {frame.index:>6}  {best['prob']:7.2%}  {best['label']}  "
+                      f"({prediction.timing_ms['inference']:.0f} ms)")
+    except KeyboardInterrupt:
+        _log.info("stopped")
+    finally:
+        frames.close()  # stops the reader thread and closes the source now, not when collected
+    rate = stream.classified / stream.elapsed_s if stream.elapsed_s else 0.0
+    _log.info(f"classified {stream.classified} of {stream.frames_read} frames in {stream.elapsed_s:.1f} s "
+              f"({rate:.2f} per second)")
+    return cli.EXIT_OK
+
+
+def run_paths(args) -> int:
+    """--paths-from: classify each path as its line arrives; one result per path, in order."""
+    clf = load(args)
+    clf.check_topk(args.topk)
+    try:
+        lines = sys.stdin.buffer if args.paths_from == "-" else open(args.paths_from, "rb")
+    except OSError as error:
+        raise SourceError(f"--paths-from {args.paths_from}: {error.strerror}") from None
+    _ready(clf)
+    failed = False
+    try:
+        with lines:
+            for result, _ in classify_paths(clf, streams.read_paths(lines), args.topk, args.recursive):
+                failed = failed or "error" in result
+                if args.json:
+                    _emit(json.dumps(result))
+                else:
+                    print_result(result)
+                    sys.stdout.flush()
+    except KeyboardInterrupt:
+        _log.info("stopped")
+    return cli.EXIT_DATA if failed else cli.EXIT_OK
+
+
+def print_result(result: dict) -> None:
+    """One image's block of text: its name, then a top-k table and timings, or why it failed."""
+    print(result["image"])
+    if "error" in result:
+        print(f"  failed: {result['error']}\n")
+        return
+    print(f"  {'rank':>4}  {'prob':>7}  class")
+    for rank, entry in enumerate(result["topk"], 1):
+        print(f"  {rank:>4}  {entry['prob']:>7.2%}  {entry['label']}")
+    timing = result["timing_ms"]
+    print(f"  preprocess {timing['preprocess']:.1f} ms, inference {timing['inference']:.1f} ms\n")
+
+
 def print_text(report: dict) -> None:
     for result in report["results"]:
-        print(result["image"])
-        if "error" in result:
-            print(f"  failed: {result['error']}\n")
-            continue
-        print(f"  {'rank':>4}  {'prob':>7}  class")
-        for rank, entry in enumerate(result["topk"], 1):
-            print(f"  {rank:>4}  {entry['prob']:>7.2%}  {entry['label']}")
-        timing = result["timing_ms"]
-        print(f"  preprocess {timing['preprocess']:.1f} ms, inference {timing['inference']:.1f} ms\n")
+        print_result(result)
     backend = report["backend"]
     print(f"model {report['model']}, {report['threads']} threads, quantize {report['quantize']}, "
           f"torch {report['torch']}, scan {backend['selective_scan']}, "
@@ -170,11 +303,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     cli.setup(args.quiet)
-    if not args.images:
+    if not args.images and args.video is None and args.paths_from is None:
         args.images = [str(SAMPLE_IMAGE)]
         _log.info("no image given: classifying the bundled sample %s", SAMPLE_IMAGE)
 
     def work():
+        if args.video is not None or args.paths_from is not None:
+            try:
+                return run_video(args) if args.video is not None else run_paths(args)
+            except BrokenPipeError:  # the reader of stdout is gone (| head): the stream has no one to serve
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return cli.EXIT_OK
         report, status = run(args)
         if args.json:
             print(json.dumps(report, indent=2))

@@ -1,0 +1,472 @@
+"""Streams (vim_rpi.streams and infer_rpi.py's --video, --paths-from, directories): a video written
+by OpenCV here, a stand-in picamera2 module, slow test doubles for the model, and infer_rpi.py run
+in subprocesses the way a user runs it. Every wait is bounded."""
+
+import json
+import os
+import pathlib
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vim_rpi
+from vim_rpi import checkpoint_io, streams
+from vim_rpi.classifier import Classifier
+from vim_rpi.errors import SourceError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "vim" / "infer_rpi.py"
+FRAMES, FPS, SIZE = 36, 24.0, (160, 120)  # the test video: 1.5 s of 160 x 120
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A small random-weight 10-class checkpoint and two images."""
+    root = tmp_path_factory.mktemp("streams")
+    torch.manual_seed(0)
+    model = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64, num_classes=10)
+    checkpoint_io.save_checkpoint(root / "small.pth", model)
+    generator = np.random.default_rng(0)
+    for name in ("a.jpg", "b.png"):
+        Image.fromarray(generator.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def video(assets):
+    """A short MJPG .avi of moving coloured shapes, written with OpenCV; returns (path, BGR frames
+    as OpenCV reads them back)."""
+    cv2 = pytest.importorskip("cv2")
+    path = assets / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, SIZE)
+    assert writer.isOpened()
+    for i in range(FRAMES):
+        frame = np.full((SIZE[1], SIZE[0], 3), (40, 90, 20), np.uint8)
+        cv2.circle(frame, (15 + 3 * i, 60), 14, (0, 0, 255), -1)  # red, in OpenCV's BGR
+        cv2.rectangle(frame, (100, 5 + 2 * i), (150, 35 + 2 * i), (255, 160, 0), -1)
+        writer.write(frame)
+    writer.release()
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    assert len(frames) == FRAMES
+    return path, frames
+
+
+@pytest.fixture
+def processes():
+    """Started subprocesses, killed at teardown if a test left one running."""
+    started = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _start(processes, args, env=None, stdin=None):
+    environment = dict(os.environ, **(env or {}))
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=environment)
+    processes.append(process)
+    return process
+
+
+def _run(processes, args, env=None, timeout=60):
+    process = _start(processes, args, env)
+    out, err = process.communicate(timeout=timeout)
+    assert "Traceback" not in err, err
+    return process.returncode, out, err
+
+
+def _json_lines(out):
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def _line_reader(stream):
+    """A queue that receives each line of `stream` as it arrives (None at its end)."""
+    lines = queue.Queue()
+
+    def pump():
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+# --- video files ---------------------------------------------------------------------------------
+
+def test_video_file_json_lines_match_classifying_the_frames_as_images(assets, video, processes, one_thread):
+    path, frames = video
+    code, out, _ = _run(processes, ["--video", path, "--json", "-c", assets / "small.pth", "-t", "1", "-k", "3", "-q"])
+    assert code == 0
+    lines = _json_lines(out)
+    assert len(lines) >= FRAMES // 2  # a tiny model keeps up with most of a 24 fps replay
+    assert all(set(line) == {"frame", "t_s", "topk", "timing_ms"} for line in lines)
+    indices = [line["frame"] for line in lines]
+    assert indices == sorted(set(indices)) and indices[-1] == FRAMES - 1  # increasing; the last frame is seen
+    times = [line["t_s"] for line in lines]
+    assert times == sorted(times) and times[-1] < 5
+
+    clf = Classifier(assets / "small.pth", warmup=False, tune_process=False)
+    for line in lines:
+        expected = clf.classify(streams.bgr_to_rgb(frames[line["frame"]]), 3).topk
+        assert [e["index"] for e in line["topk"]] == [e["index"] for e in expected]
+        assert [e["prob"] for e in line["topk"]] == pytest.approx([e["prob"] for e in expected], rel=1e-4)
+
+
+def test_video_max_frames_and_text_lines(assets, video, processes):
+    code, out, err = _run(processes, ["--video", video[0], "--max-frames", "4", "-c", assets / "small.pth", "-t", "1"])
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 4
+    for line in lines:  # "   0.04 s  frame      1   11.57%  class 1  (3 ms)"
+        seconds, _, frame, index, prob, *label = line.split()
+        assert frame == "frame" and index.isdigit() and prob.endswith("%") and label[-1] == "ms)"
+    assert "classified 4 of" in err
+
+
+def test_frame_and_the_same_pixels_saved_as_png_give_identical_tensors(assets, video):
+    cv2 = pytest.importorskip("cv2")
+    path, frames = video
+    source = streams.open_video(str(path))
+    try:
+        rgb = source.read()
+    finally:
+        source.close()
+    png = assets / "frame0.png"
+    cv2.imwrite(str(png), frames[0])  # OpenCV writes its BGR frame as a normal (RGB) PNG
+    red, green, blue = rgb[60, 15].tolist()  # the circle's centre: red in RGB order
+    assert red > 200 and blue < 80 and green < 80
+    clf = Classifier(assets / "small.pth", warmup=False, tune_process=False)
+    assert torch.equal(clf.preprocess(rgb), clf.preprocess(png))
+
+
+def test_missing_video_file_and_camera_index_are_one_line(assets, processes, tmp_path):
+    pytest.importorskip("cv2")
+    not_a_video = tmp_path / "notes.avi"
+    not_a_video.write_text("not a video\n")
+    for source, needle in ((tmp_path / "nope.mp4", "no such file"), (not_a_video, "cannot read this video"),
+                           ("99", "camera 99")):
+        code, out, err = _run(processes, ["--video", source, "-c", assets / "small.pth", "-q"])
+        assert code == 4 and out == ""
+        assert len(err.splitlines()) == 1 and needle in err, err
+
+
+# --- the latest-frame loop -----------------------------------------------------------------------
+
+class FakeSource:
+    """`count` frames of (h, w, 3) at `fps` (paced by the stream's reader, like a file); then the
+    end, or `error` raised when given."""
+
+    live, name = False, "fake"
+
+    def __init__(self, count, fps, shape=(480, 640, 3), error=None):
+        self.count, self.fps, self.shape, self.error, self.sent, self.closed = count, fps, shape, error, 0, False
+
+    def read(self):
+        if self.sent == self.count:
+            if self.error:
+                raise self.error
+            return None
+        self.sent += 1
+        return np.full(self.shape, self.sent % 256, np.uint8)  # a new allocation per frame
+
+    def close(self):
+        self.closed = True
+
+
+def test_slow_model_on_a_fast_source_drops_frames_and_memory_stays_flat():
+    """2 s of 50 fps frames (900 KB each) and a model that takes 0.2 s: about 10 are classified,
+    always the newest, and at no time are more than a handful of frames alive."""
+    source = FakeSource(count=100, fps=50.0)
+    stream = streams.LatestFrameStream(source, lambda pixels: time.sleep(0.2) or pixels[0, 0, 0])
+    tracemalloc.start()
+    try:
+        seen = [frame.index for frame, _ in stream]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 7 <= len(seen) <= 14, seen
+    assert seen == sorted(seen) and seen[-1] == 99
+    assert stream.frames_read == 100 and stream.holder.dropped >= 80 and source.closed
+    assert 480 * 640 * 3 < peak < 6 * 480 * 640 * 3  # frames are traced; queued, the 100 would take 92 MB
+
+
+def test_every_s_spaces_the_classifications():
+    stream = streams.LatestFrameStream(FakeSource(count=100, fps=100.0, shape=(8, 8, 3)), lambda pixels: None,
+                                       every_s=0.3)
+    seen = [frame.index for frame, _ in stream]
+    assert 3 <= len(seen) <= 6, seen  # 1 s of frames, one classification per 0.3 s (plus the last)
+
+
+def test_max_frames_stops_the_reader():
+    source = FakeSource(count=10_000, fps=1000.0, shape=(8, 8, 3))
+    stream = streams.LatestFrameStream(source, lambda pixels: None, max_frames=3)
+    assert len(list(stream)) == 3
+    assert source.closed and source.sent < 10_000
+
+
+def test_source_error_is_raised_after_the_last_frame():
+    source = FakeSource(count=3, fps=100.0, shape=(8, 8, 3), error=SourceError("camera 0 stopped delivering frames"))
+    seen = []
+    with pytest.raises(SourceError, match="stopped delivering"):
+        for frame, _ in streams.LatestFrameStream(source, lambda pixels: None):
+            seen.append(frame.index)
+    assert seen and seen[-1] == 2
+
+
+def test_a_silent_camera_is_taken_as_gone():
+    release = threading.Event()
+
+    class Silent(FakeSource):
+        live, fps = True, None
+
+        def read(self):
+            release.wait(10)  # a camera read that blocks: the device went away
+            return None
+
+    stream = streams.LatestFrameStream(Silent(count=0, fps=None), lambda pixels: None, camera_timeout_s=0.3)
+    try:
+        with pytest.raises(SourceError, match="no frame for 0.3 s"):
+            list(stream)
+    finally:
+        release.set()
+
+
+def test_latest_frame_holds_one_frame():
+    holder = streams.LatestFrame()
+    for i in range(3):
+        holder.put(i)
+    assert holder.take(0) == 2 and holder.dropped == 2
+    with pytest.raises(TimeoutError):
+        holder.take(0.01)
+    holder.put(3)
+    holder.finish(SourceError("gone"))
+    assert holder.take(0) == 3
+    with pytest.raises(SourceError):
+        holder.take(0)
+
+
+# --- paths: --paths-from and directories ---------------------------------------------------------
+
+def test_paths_from_stdin_classifies_each_line_as_it_arrives(assets, processes, tmp_path):
+    """A writer feeds paths over time: the first result comes before the next path is written,
+    bad paths become error objects, the stream goes on, and results keep the input order."""
+    (tmp_path / "notes.jpg").write_text("not an image\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "c.png").write_bytes((assets / "b.png").read_bytes())
+    process = _start(processes, ["--paths-from", "-", "--json", "-c", assets / "small.pth", "-t", "1", "-k", "2", "-q"],
+                     stdin=subprocess.PIPE)
+    lines = _line_reader(process.stdout)
+    process.stdin.write(f"{assets / 'a.jpg'}\n")
+    process.stdin.flush()
+    first = json.loads(lines.get(timeout=60))  # arrives while stdin is still open
+    assert first["image"] == str(assets / "a.jpg") and len(first["topk"]) == 2
+    later = [tmp_path / "missing.jpg", tmp_path / "notes.jpg", folder, assets / "b.png"]
+    for path in later:
+        time.sleep(0.1)
+        process.stdin.write(f"{path}\n")
+        process.stdin.flush()
+    process.stdin.close()
+    process.wait(timeout=60)
+    rest = []
+    while (line := lines.get(timeout=10)) is not None:
+        rest.append(json.loads(line))
+    assert process.returncode == 4  # some paths failed
+    assert [r["image"] for r in rest] == [str(tmp_path / "missing.jpg"), str(tmp_path / "notes.jpg"),
+                                          str(folder / "c.png"), str(assets / "b.png")]
+    assert [set(r) for r in rest] == [{"image", "error"}] * 2 + [{"image", "topk", "timing_ms"}] * 2
+    assert "no such file" in rest[0]["error"] and "not an image" in rest[1]["error"]
+    assert rest[2]["topk"] == rest[3]["topk"]  # the same pixels
+    assert len(process.stderr.read().splitlines()) == 2  # one line per failed path
+
+
+@pytest.fixture
+def main_in_process(capsys):
+    """infer_rpi.main inside pytest: run(args) -> (exit code, stdout, stderr); restores threads."""
+    from vim_rpi import infer_rpi
+
+    threads = torch.get_num_threads()
+
+    def run(args):
+        try:
+            code = infer_rpi.main([str(a) for a in args])
+        except SystemExit as exit_info:
+            code = exit_info.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    torch.set_num_threads(threads)
+
+
+def test_directories_and_recursive(assets, main_in_process, tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "empty").mkdir()
+    for name in ("b.PNG", "a.jpg", "sub/c.jpg"):
+        (photos / name).write_bytes((assets / "a.jpg").read_bytes())
+    (photos / "notes.txt").write_text("not an image\n")
+    common = ["--json", "-c", assets / "small.pth", "-t", "1", "-q"]
+
+    code, out, _ = main_in_process([photos, *common])
+    assert code == 0
+    assert [r["image"] for r in json.loads(out)["results"]] == [str(photos / "a.jpg"), str(photos / "b.PNG")]
+
+    code, out, _ = main_in_process([photos, *common, "--recursive"])
+    assert code == 0
+    expected = [str(photos / name) for name in ("a.jpg", "b.PNG", "sub/c.jpg")]
+    assert [r["image"] for r in json.loads(out)["results"]] == expected
+
+    code, out, err = main_in_process([photos / "empty", *common])
+    assert code == 4 and "no image files" in json.loads(out)["results"][0]["error"] and "--recursive" in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["a.jpg", "--video", "0"], "one kind of input"),
+    (["--video", "0", "--paths-from", "-"], "one kind of input"),
+    (["a.jpg", "--max-frames", "3"], "go with --video"),
+    (["--video", "0", "--max-frames", "0"], "--max-frames"),
+    (["--video", "0", "--every-s", "-1"], "--every-s"),
+    (["--video", "0", "--recursive"], "do not go with --video"),
+    (["--paths-from", "-", "--benchmark", "2"], "--benchmark"),
+])
+def test_stream_usage_errors_exit_2(args, needle, main_in_process):
+    code, out, err = main_in_process(args)
+    assert code == 2 and out == "" and needle in err.splitlines()[-1]
+
+
+# --- the Pi camera module through a stand-in picamera2 -------------------------------------------
+
+PICAMERA2_STAND_IN = '''
+"""A STAND-IN for picamera2, written by tests/test_streams.py: the real module needs a Raspberry Pi
+camera and libcamera. It has the calls vim_rpi.streams makes (Picamera2(), create_preview_configuration,
+configure, start, capture_array, stop, close), logs them to $STAND_IN_LOG, delivers 30 frames a second
+and fails like a camera that went away after $STAND_IN_FAIL_AFTER frames when that is set."""
+import json, os, time
+import numpy as np
+
+def _log(*call):
+    with open(os.environ["STAND_IN_LOG"], "a") as f:
+        f.write(json.dumps(call) + "\\n")
+
+class Picamera2:
+    def __init__(self):
+        self.sent, self.config = 0, None
+        _log("Picamera2")
+
+    def create_preview_configuration(self, main):
+        return {"main": dict(main)}
+
+    def configure(self, config):
+        self.config = config
+        _log("configure", config["main"]["format"], list(config["main"]["size"]))
+
+    def start(self):
+        _log("start")
+
+    def capture_array(self, name="main"):
+        fail_after = os.environ.get("STAND_IN_FAIL_AFTER")
+        if fail_after is not None and self.sent >= int(fail_after):
+            raise RuntimeError("Camera frontend has timed out!")
+        time.sleep(1 / 30)
+        self.sent += 1
+        width, height = self.config[name]["size"]
+        return np.full((height, width, 3), self.sent % 256, np.uint8)
+
+    def stop(self):
+        _log("stop")
+
+    def close(self):
+        _log("close")
+'''
+
+
+@pytest.fixture
+def picamera2_stand_in(tmp_path):
+    """Environment for a subprocess that imports the stand-in picamera2; returns (env, log path)."""
+    (tmp_path / "stand_in" / "picamera2").mkdir(parents=True)
+    (tmp_path / "stand_in" / "picamera2" / "__init__.py").write_text(PICAMERA2_STAND_IN)
+    log = tmp_path / "calls.log"
+    return {"PYTHONPATH": str(tmp_path / "stand_in"), "STAND_IN_LOG": str(log)}, log
+
+
+def test_pi_camera_through_the_picamera2_calls(assets, processes, picamera2_stand_in):
+    env, log = picamera2_stand_in
+    code, out, _ = _run(processes, ["--video", "picam", "--json", "--max-frames", "3", "-c", assets / "small.pth",
+                                    "-t", "1", "-q"], env)
+    assert code == 0
+    assert [line["frame"] for line in _json_lines(out)] == sorted({line["frame"] for line in _json_lines(out)})
+    assert len(_json_lines(out)) == 3
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls == [["Picamera2"], ["configure", "BGR888", list(streams.PICAM_SIZE)], ["start"], ["stop"], ["close"]]
+
+
+def test_pi_camera_that_goes_away_is_one_line_and_status_4(assets, processes, picamera2_stand_in):
+    env, _ = picamera2_stand_in
+    code, out, err = _run(processes, ["--video", "picam", "--json", "-c", assets / "small.pth", "-t", "1", "-q"],
+                          {**env, "STAND_IN_FAIL_AFTER": "2"})
+    assert code == 4 and 1 <= len(out.splitlines()) <= 2
+    assert err.splitlines() == ["error: Pi camera stopped delivering frames: Camera frontend has timed out!"]
+
+
+def test_ctrl_c_ends_a_stream_cleanly(assets, processes, picamera2_stand_in):
+    env, _ = picamera2_stand_in
+    process = _start(processes, ["--video", "picam", "--json", "-c", assets / "small.pth", "-t", "1"], env)
+    lines = _line_reader(process.stdout)
+    json.loads(lines.get(timeout=60))
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=30)
+    err = process.stderr.read()
+    assert process.returncode == 0 and "Traceback" not in err and "stopped" in err
+
+
+def test_missing_picamera2_says_what_to_do(assets, processes, tmp_path):
+    code, out, err = _run(processes, ["--video", "picam", "-c", assets / "small.pth"])
+    if code == 0:
+        pytest.skip("a real picamera2 is installed here")
+    assert code == 2 and out == "" and "python3-picamera2" in err.splitlines()[-1]
+
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    system = tmp_path / "dist-packages"
+    (system / "picamera2").mkdir(parents=True)
+    advice = streams.picamera2_help(str(venv), "/usr", system)
+    assert "apt install" not in advice and "setup_rpi.sh --system-site-packages" in advice
+    advice = streams.picamera2_help(str(venv), "/usr", tmp_path / "nothing")
+    assert advice.startswith("install it: sudo apt install python3-picamera2; then ")
+    assert "--system-site-packages" in advice
+    (venv / "pyvenv.cfg").write_text("include-system-site-packages = true\n")
+    assert streams.picamera2_help(str(venv), "/usr", tmp_path / "nothing") == (
+        "install it: sudo apt install python3-picamera2")
+    assert "does not import" in streams.picamera2_help("/usr", "/usr", system)
+
+
+def test_a_picamera2_that_fails_to_import_is_a_config_error(monkeypatch, tmp_path):
+    (tmp_path / "picamera2").mkdir()
+    (tmp_path / "picamera2" / "__init__.py").write_text(
+        'raise ValueError("numpy.dtype size changed, may indicate binary incompatibility")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(vim_rpi.ConfigError, match="fails to import .*system's numpy"):
+        streams.PiCameraSource()
+    monkeypatch.setitem(sys.modules, "picamera2", None)  # what an absent module looks like to import
+    with pytest.raises(vim_rpi.ConfigError, match="needs picamera2"):
+        streams.PiCameraSource()

@@ -1,0 +1,342 @@
+"""Classify streams with a model that stays loaded: video frames (file, USB webcam, Pi camera
+module) and image paths (a list, a directory, or lines arriving on a pipe).
+
+Video: `open_video(spec)` opens a frame source; `LatestFrameStream(source, classify)` reads it in
+a thread that keeps only the newest frame in a one-slot holder (`LatestFrame`), while the caller's
+loop classifies whatever frame is newest when the model is free. A slow model therefore skips
+frames instead of building a backlog, and memory holds at most a few frames whatever the rates.
+A video file is replayed at its own frame rate, so it behaves like the camera that recorded it.
+
+Paths: `image_paths(path, recursive)` lists a directory's images, `read_paths(stream)` yields
+the paths in a byte stream (a file, stdin) line by line as they arrive.
+
+OpenCV (files and camera indices) and picamera2 (the Pi camera module) are optional: each is
+imported only when its source is opened, and a missing one is a ConfigError saying how to
+install it. Every source yields RGB uint8 arrays (H, W, 3), the layout `Classifier.preprocess`
+takes, so a frame is preprocessed exactly like the same pixels read from an image file.
+"""
+
+import dataclasses
+import os
+import pathlib
+import sys
+import threading
+import time
+
+import numpy as np
+
+from vim_rpi.errors import ConfigError, SourceError, VimError
+from vim_rpi.folder_dataset import IMG_EXTENSIONS
+
+__all__ = ["Frame", "LatestFrame", "LatestFrameStream", "OpenCVSource", "PiCameraSource", "open_video",
+           "bgr_to_rgb", "image_paths", "read_paths", "picamera2_help", "CAMERA_TIMEOUT_S", "PICAM_SIZE"]
+
+CAMERA_TIMEOUT_S = 10.0  # a live camera that delivers no frame for this long is taken as gone
+PICAM_SIZE = (640, 480)  # Pi camera frame (width, height): above the 256-pixel short side preprocessing needs
+_FALLBACK_FPS = 30.0  # replay rate of a video file whose header gives none
+_SYSTEM_DIST_PACKAGES = pathlib.Path("/usr/lib/python3/dist-packages")  # where apt installs python3-picamera2
+
+
+@dataclasses.dataclass
+class Frame:
+    """One frame: index (0, 1, 2, ... in the order the source delivered them), t_s (seconds from
+    the start of the stream to when it was read) and pixels, RGB uint8 (H, W, 3)."""
+
+    index: int
+    t_s: float
+    pixels: np.ndarray
+
+
+def bgr_to_rgb(bgr):
+    """OpenCV's BGR uint8 (H, W, 3) -> a contiguous RGB copy."""
+    return np.ascontiguousarray(bgr[..., ::-1])
+
+
+class OpenCVSource:
+    """A video file or a camera index (0 = /dev/video0, through OpenCV's V4L2 backend on Linux).
+
+    Attributes: name (for messages), live (a camera: frames come in real time), fps (a file's
+    replay rate; None for a camera, which paces itself).
+    Raises (at construction): ConfigError without OpenCV; SourceError for a source it cannot open.
+    """
+
+    def __init__(self, spec):
+        cv2 = _import_cv2()
+        self._cv2 = cv2
+        self.live = isinstance(spec, int)
+        if self.live:
+            device = f"/dev/video{spec}"
+            self.name = f"camera {spec} ({device})" if sys.platform.startswith("linux") else f"camera {spec}"
+            backend = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
+            self._capture = _quietly(cv2, lambda: cv2.VideoCapture(spec, backend))
+            if not self._capture.isOpened():
+                reason = ("no such device" if sys.platform.startswith("linux") and not os.path.exists(device)
+                          else "in use by another program, or not a video capture device")
+                raise SourceError(f"{self.name} could not be opened: {reason}")
+            self.fps = None
+        else:
+            self.name = str(spec)
+            if not os.path.isfile(spec):
+                raise SourceError(f"{spec}: no such file")
+            self._capture = _quietly(cv2, lambda: cv2.VideoCapture(str(spec)))
+            if not self._capture.isOpened():
+                raise SourceError(f"{spec}: OpenCV cannot read this video (not a video, or a codec its "
+                                  "build lacks)")
+            fps = self._capture.get(cv2.CAP_PROP_FPS)
+            self.fps = fps if fps and 0 < fps < 1000 else _FALLBACK_FPS
+
+    def read(self):
+        """The next frame as RGB uint8 (H, W, 3); None at the end of a file.
+        Raises SourceError when a camera stops delivering frames."""
+        ok, bgr = self._capture.read()
+        if ok:
+            return bgr_to_rgb(bgr)
+        if self.live:
+            raise SourceError(f"{self.name} stopped delivering frames (unplugged, or taken by another program?)")
+        return None
+
+    def close(self):
+        self._capture.release()
+
+
+class PiCameraSource:
+    """The Raspberry Pi camera module through picamera2 (libcamera), frames of `size` (w, h).
+
+    The stream is configured as "BGR888", which picamera2 delivers as [R, G, B] bytes per pixel
+    (its names follow libcamera's DRM convention), so frames need no channel swap.
+    Raises (at construction): ConfigError without picamera2; SourceError without a camera.
+    """
+
+    live, fps, name = True, None, "Pi camera"
+
+    def __init__(self, size=PICAM_SIZE):
+        picamera2 = _import_picamera2()
+        try:
+            self._camera = picamera2.Picamera2()
+            self._camera.configure(self._camera.create_preview_configuration(
+                main={"size": tuple(size), "format": "BGR888"}))
+            self._camera.start()
+        except (IndexError, RuntimeError, OSError) as error:
+            raise SourceError(f"Pi camera could not be opened: {error} (check the ribbon cable; "
+                              "`rpicam-hello --list-cameras` lists the cameras libcamera sees)") from None
+
+    def read(self):
+        """The next frame, RGB uint8 (H, W, 3). Raises SourceError when the camera fails."""
+        try:
+            return self._camera.capture_array("main")
+        except Exception as error:  # picamera2 raises several kinds when the camera goes away
+            raise SourceError(f"Pi camera stopped delivering frames: {error}") from None
+
+    def close(self):
+        self._camera.stop()
+        self._camera.close()
+
+
+def open_video(spec):
+    """A frame source for --video SOURCE: "picam" (the Pi camera module), a camera index ("0"),
+    or a video file (name a file called "0" as "./0")."""
+    if spec == "picam":
+        return PiCameraSource()
+    if spec.isdigit():
+        return OpenCVSource(int(spec))
+    return OpenCVSource(spec)
+
+
+def _quietly(cv2, open_capture):
+    """Call open_capture() with OpenCV's own warnings off: our SourceError says it in one line."""
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+    try:
+        return open_capture()
+    finally:
+        logging.setLogLevel(level)
+
+
+def _import_cv2():
+    try:
+        import cv2
+    except ImportError as error:
+        raise ConfigError(f"--video with a file or camera index needs OpenCV ({error}): "
+                          "pip install -r scripts/requirements-camera.txt") from None
+    return cv2
+
+
+def _import_picamera2():
+    try:
+        import picamera2
+    except ImportError as error:
+        raise ConfigError(f"--video picam needs picamera2 ({error}). " + picamera2_help()) from None
+    except Exception as error:  # found, but broken: typically a numpy other than the one apt's build expects
+        raise ConfigError(f"--video picam: picamera2 fails to import ({type(error).__name__}: {error}); "
+                          "apt's picamera2 needs the system's numpy, which a numpy pip-installed into the venv "
+                          "hides") from None
+    return picamera2
+
+
+def picamera2_help(prefix=None, base_prefix=None, system_packages=_SYSTEM_DIST_PACKAGES):
+    """What to do when picamera2 does not import. Raspberry Pi OS ships it as the apt package
+    python3-picamera2 (it must match the system's libcamera, so not from pip), which a venv sees
+    only when it was made with --system-site-packages."""
+    prefix = sys.prefix if prefix is None else prefix
+    base_prefix = sys.base_prefix if base_prefix is None else base_prefix
+    steps = []
+    if not (system_packages / "picamera2").is_dir():
+        steps.append("install it: sudo apt install python3-picamera2")
+    if prefix != base_prefix and not _sees_system_packages(pathlib.Path(prefix)):
+        steps.append(f"this venv ({prefix}) does not see system packages; let it, keeping what it holds: "
+                     f"bash scripts/setup_rpi.sh --system-site-packages (or python3 -m venv --system-site-packages "
+                     f"{prefix})")
+    if not steps:
+        steps.append("python3-picamera2 is installed but does not import with this Python: run "
+                     "`python3 -c 'import picamera2'` to see why")
+    return "; then ".join(steps)
+
+
+def _sees_system_packages(venv):
+    """Whether the venv's pyvenv.cfg says include-system-site-packages = true."""
+    try:
+        lines = (venv / "pyvenv.cfg").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip() == "include-system-site-packages":
+            return value.strip().lower() == "true"
+    return False
+
+
+class LatestFrame:
+    """A one-slot holder between a reader thread and a consumer: `put` replaces the frame not yet
+    taken (counted in `dropped`), `take` waits for a frame newer than the last one taken. It never
+    holds more than one frame, which bounds memory whatever the source and model rates."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._frame = None
+        self._finished = False
+        self._error = None
+        self.dropped = 0
+
+    def put(self, frame):
+        with self._changed:
+            if self._frame is not None:
+                self.dropped += 1
+            self._frame = frame
+            self._changed.notify()
+
+    def finish(self, error=None):
+        """No more frames will come; `error` (if any) is raised by `take` once the slot is empty."""
+        with self._changed:
+            self._finished, self._error = True, error
+            self._changed.notify()
+
+    def take(self, timeout=None):
+        """The newest frame not yet taken; None at the end of the source.
+        Raises the source's error, or TimeoutError when no frame came within `timeout` seconds."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._frame is not None or self._finished, timeout):
+                raise TimeoutError
+            frame, self._frame = self._frame, None
+            if frame is None and self._error is not None:
+                raise self._error
+            return frame
+
+
+class LatestFrameStream:
+    """Iterate (Frame, prediction) pairs: the newest frame of `source` each time `classify` is
+    free, so frames that arrive while it runs are skipped, never queued.
+
+    Args:
+        source: an object with read() -> RGB uint8 (H, W, 3) or None at the end, close(), and the
+            attributes name, live and fps (see `OpenCVSource`); the reader thread owns it and
+            closes it.
+        classify: frame pixels -> prediction (e.g. a Classifier's classify with a top-k bound).
+        max_frames: stop after classifying this many frames (None: until the source ends).
+        every_s: at most one classification every `every_s` seconds (0: as fast as the model goes).
+        camera_timeout_s: a live source silent this long raises SourceError (it is taken as gone).
+    Attributes (updated while iterating): frames_read, classified, elapsed_s.
+    """
+
+    def __init__(self, source, classify, *, max_frames=None, every_s=0.0, camera_timeout_s=CAMERA_TIMEOUT_S):
+        self.source, self.classify = source, classify
+        self.max_frames, self.every_s, self.camera_timeout_s = max_frames, every_s, camera_timeout_s
+        self.holder = LatestFrame()
+        self.frames_read = self.classified = 0
+        self.elapsed_s = 0.0
+
+    def __iter__(self):
+        stop = threading.Event()
+        start = time.perf_counter()
+        reader = threading.Thread(target=self._read, args=(stop, start), name="frame-reader", daemon=True)
+        reader.start()
+        timeout = self.camera_timeout_s if self.source.live else None
+        try:
+            while self.max_frames is None or self.classified < self.max_frames:
+                try:
+                    frame = self.holder.take(timeout)
+                except TimeoutError:
+                    raise SourceError(f"{self.source.name} delivered no frame for {timeout:g} s; "
+                                      "it seems to be gone") from None
+                if frame is None:
+                    break
+                began = time.perf_counter()
+                prediction = self.classify(frame.pixels)
+                self.classified += 1
+                self.elapsed_s = time.perf_counter() - start
+                yield frame, prediction
+                pause = self.every_s - (time.perf_counter() - began)
+                if pause > 0:
+                    time.sleep(pause)
+        finally:
+            stop.set()
+            # A camera read blocked on a device that went away may never return: the daemon
+            # thread is then left behind rather than hanging the program.
+            reader.join(timeout=2.0)
+            self.elapsed_s = time.perf_counter() - start
+
+    def _read(self, stop, start):
+        """Reader thread: put every frame into the holder (a file at its own frame rate), then
+        finish it, with the error that ended the source if any. Any exception ends up in the
+        holder: lost in this thread, it would leave the consumer waiting forever."""
+        error = None
+        try:
+            while not stop.is_set():
+                if self.source.fps and stop.wait(max(0.0, start + self.frames_read / self.source.fps
+                                                     - time.perf_counter())):
+                    break
+                pixels = self.source.read()
+                if pixels is None:
+                    break
+                self.holder.put(Frame(self.frames_read, time.perf_counter() - start, pixels))
+                self.frames_read += 1
+        except VimError as failure:
+            error = failure
+        except Exception as failure:
+            error = SourceError(f"{self.source.name}: {failure}")
+        finally:
+            try:
+                self.source.close()
+            finally:
+                self.holder.finish(error)
+
+
+def image_paths(path, recursive=False):
+    """The images a path names: the path itself when it is not a directory (reading it is left to
+    the classifier, which reports a missing or unreadable file), else the directory's image
+    files (by extension, case-insensitive) sorted by path, descending into sub-directories
+    with `recursive`. An empty list when the directory holds none."""
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        return [path]
+    candidates = directory.rglob("*") if recursive else directory.iterdir()
+    return sorted(str(p) for p in candidates if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+def read_paths(stream):
+    """Yield the paths of a binary stream, one per line, as each line arrives (blank lines skipped).
+    Bytes become str as file names do (os.fsdecode), so any name the file system holds round-trips."""
+    for line in iter(stream.readline, b""):
+        path = os.fsdecode(line.rstrip(b"\r\n"))
+        if path:
+            yield path
