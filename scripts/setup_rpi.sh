@@ -3,7 +3,7 @@
 #   bash scripts/setup_rpi.sh [--minimal]
 # Creates .venv in the repository, installs CPU-only PyTorch from PyTorch's CPU wheel index, the
 # other dependencies, both kernel packages (editable), and runs a smoke test.
-# --minimal skips the optional torchvision and timm.
+# --minimal skips the optional torchvision, timm and the HTTP server's packages.
 # Overrides (environment):
 #   TORCH_VERSION        [2.9.1]   torch version (2.10.0 crashes at import on a Pi 4)
 #   TORCHVISION_VERSION  [0.24.1]  must match TORCH_VERSION
@@ -65,6 +65,11 @@ echo "== installing the other dependencies"
 [ "$EXTRAS" = 0 ] || "${pip[@]}" "timm>=0.9"
 "${pip[@]}" -e causal-conv1d -e mamba-1p1p1 -e .
 
+if [ "$EXTRAS" = 1 ]; then
+  echo "== installing the HTTP server's packages (vim/serve_rpi.py)"
+  "${pip[@]}" -r scripts/requirements-serve.txt
+fi
+
 echo "== smoke test"
 "$VENV/bin/python" - <<'PY'
 import torch
@@ -81,3 +86,4 @@ PY
 echo
 echo "Done. Classify an image (downloads the Vim-Tiny weights, ~115 MB, on first use):"
 echo "  $VENV/bin/python vim/infer_rpi.py path/to/image.jpg"
+[ "$EXTRAS" = 0 ] || echo "Or serve a page and an API on http://127.0.0.1:8000/: $VENV/bin/python vim/serve_rpi.py"

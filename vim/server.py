@@ -310,7 +310,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(422, str(error)) from None
         return {"model": clf.model_name, "topk": prediction.topk, "timing_ms": prediction.timing_ms}
 
-    @v1.get("/info", responses=_ERRORS)
+    @v1.get("/info", responses={status: _ERRORS[status] for status in (401, 503)})
     async def info():
         """The loaded model and how it runs: model, checkpoint, threads, quantize, torch, backends;
         and the server's queue."""

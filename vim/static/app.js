@@ -33,7 +33,7 @@ async function showInfo() {
   const response = await fetch("/v1/info", { headers: headers() });
   if (response.ok) {
     const info = await response.json();
-    $("model").textContent = `${info.model} · ${info.threads} threads · torch ${info.torch}`;
+    $("model").textContent = `${info.model} · threads: ${info.threads} · torch ${info.torch}`;
   } else if (response.status === 401) {
     $("model").textContent = "token required";
   } else {
@@ -65,7 +65,7 @@ function render(result) {
   }
   const t = result.timing_ms;
   $("timing").textContent = `inference ${t.inference.toFixed(0)} ms · preprocess ${t.preprocess.toFixed(0)} ms` +
-    ` · queue ${t.queue.toFixed(0)} ms · ${result.model}`;
+    ` · queue ${t.queue.toFixed(0)} ms`;
 }
 
 async function classify(file) {
