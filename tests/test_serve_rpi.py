@@ -414,3 +414,15 @@ def test_the_page_in_headless_chromium_shows_five_labelled_bars(server, files, t
         assert driver.find_element(By.ID, "preview").get_attribute("naturalWidth") == "420"
     finally:
         driver.quit()
+
+
+def test_bench_serve_runs_its_grid_and_prints_json(files):
+    """scripts/bench_serve.py end to end at a toy size (timings depend on the machine: not checked)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "-c", str(files["small"]),
+                           "--requests", "3", "--concurrency", "1,2", "-t", "1", "--json"],
+                          capture_output=True, text=True, timeout=2 * TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [(r["batching"], r["clients"]) for r in report["results"]] == [("on", 1), ("on", 2), ("off", 1), ("off", 2)]
+    for row in report["results"]:
+        assert row["requests"] == 3 and row["requests_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
