@@ -416,6 +416,14 @@ def test_the_page_in_headless_chromium_shows_five_labelled_bars(server, files, t
         driver.quit()
 
 
+def test_usage_errors_exit_2_and_a_missing_checkpoint_exits_3(tmp_path):
+    run = [sys.executable, str(SCRIPT), "--port", str(_free_port())]
+    done = subprocess.run(run + ["--queue", "0"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 2 and "--queue must be >= 1" in done.stderr
+    done = subprocess.run(run + ["-c", str(tmp_path / "missing.pth")], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 3 and "missing.pth" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_bench_serve_runs_its_grid_and_prints_json(files):
     """scripts/bench_serve.py end to end at a toy size (timings depend on the machine: not checked)."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "-c", str(files["small"]),

@@ -235,6 +235,7 @@ def create_app(settings: Settings) -> FastAPI:
     batcher = Batcher(lambda: Classifier(**settings.classifier_options), queue_size=settings.queue,
                       max_batch=settings.max_batch, on_load_error=settings.on_load_error)
     limit = int(settings.max_upload_mb * 2**20)
+    uploading = 0  # classify requests reading their body (only the event loop's thread touches it)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -292,14 +293,21 @@ def create_app(settings: Settings) -> FastAPI:
     @v1.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
     async def classify(request: Request, topk: int = Query(5, description="how many classes to return")):
         """Classify one image: the raw request body, or the multipart form field "image"."""
+        nonlocal uploading
         clf = classifier()
         try:
             clf.check_topk(topk)
         except ConfigError as error:
             raise ApiError(422, str(error).replace("--topk", "topk")) from None
-        if batcher.waiting >= batcher.queue_size:  # refuse before reading the upload
+        # Uploads in progress count against the queue too, so memory stays below queue x upload limit;
+        # a full queue is refused before the upload is read.
+        if batcher.waiting + uploading >= batcher.queue_size:
             raise ApiError(503, "the queue is full; retry shortly", {"Retry-After": str(_RETRY_AFTER_FULL_S)})
-        data = await _read_image(request, limit)
+        uploading += 1
+        try:
+            data = await _read_image(request, limit)
+        finally:
+            uploading -= 1
         try:
             prediction = await asyncio.wrap_future(batcher.submit(data, topk))
         except QueueFull:
