@@ -100,6 +100,19 @@ def test_a_full_queue_refuses_at_once_and_bad_images_fail_alone(clf):
     batcher.close()
 
 
+def test_a_cancelled_request_never_reaches_the_model(clf):
+    gated = GatedClassifier(clf)
+    batcher = _ready(Batcher(lambda: gated, queue_size=4, max_batch=4))
+    running = batcher.submit(_png(0), 5)
+    assert gated.started.wait(TIMEOUT)
+    abandoned, kept = batcher.submit(_png(1), 5), batcher.submit(_png(2), 5)
+    assert abandoned.cancel()  # its client went away while it waited
+    gated.gate.set()
+    assert running.result(TIMEOUT).topk and kept.result(TIMEOUT).topk
+    assert gated.batches == [1, 1] and batcher.waiting == 0
+    batcher.close()
+
+
 def test_close_finishes_queued_work_then_refuses(clf):
     gated = GatedClassifier(clf)
     batcher = _ready(Batcher(lambda: gated, queue_size=4, max_batch=1))

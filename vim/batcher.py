@@ -18,7 +18,8 @@ Why this shape (used by the HTTP server, `vim_rpi.server`, and usable by any oth
 - Admission is bounded: at most `queue_size` requests may wait (being decoded or queued for the
   model); beyond that `submit` raises QueueFull at once, so overload turns into quick refusals
   instead of a growing backlog.
-It imports no web framework: `submit` returns a `concurrent.futures.Future`.
+It imports no web framework: `submit` returns a `concurrent.futures.Future`; cancelling it (its
+client went away) drops the request if its forward has not started.
 """
 
 import collections
@@ -105,7 +106,7 @@ class Batcher:
         """Queue encoded image bytes for classification; returns a Future of a Prediction.
 
         The future raises ImageError (the bytes are not a usable image) or, for a failed forward,
-        RuntimeError. `topk` must already be valid for the model (Classifier.check_topk).
+        RuntimeError; cancel it to drop the request before its forward. `topk` must already be valid for the model (Classifier.check_topk).
         Raises NotReady, ShuttingDown or QueueFull at once instead of queueing.
         """
         with self._lock:
@@ -134,11 +135,12 @@ class Batcher:
             self._model_queue.clear()
             self._waiting -= len(leftover)
         for job in leftover:
-            job.future.set_exception(ShuttingDown("the server shut down before this request ran"))
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ShuttingDown("the server shut down before this request ran"))
 
     def _preprocess(self, job):
         """Decoder thread: bytes -> tensor, then hand the job to the worker (or fail it)."""
-        if not job.future.set_running_or_notify_cancel():
+        if job.future.cancelled():  # its client is gone
             self._release(1)
             return
         start = time.perf_counter()
@@ -146,7 +148,8 @@ class Batcher:
             job.tensor = self.classifier.preprocess(job.data)
         except ImageError as error:
             self._release(1)
-            job.future.set_exception(error)
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
             return
         finally:
             job.data = None  # the encoded bytes are not needed any more
@@ -182,7 +185,10 @@ class Batcher:
                     return
                 batch = [self._model_queue.popleft() for _ in range(min(self.max_batch, len(self._model_queue)))]
                 self._waiting -= len(batch)
-            self._forward(batch)
+            # A cancelled future (its request was abandoned) never reaches the model.
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if batch:
+                self._forward(batch)
 
     def _forward(self, jobs):
         """One batched forward for `jobs`; each future gets its own Prediction."""

@@ -229,6 +229,27 @@ async def _read_image(request, limit):
     return data
 
 
+async def _until_disconnected(request):
+    """Returns when the client has gone (after the body was read, the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _result_unless_disconnected(request, future):
+    """The result of a batcher future; if the client disconnects first, the future is cancelled
+    so its image never reaches the model (and the route answers to no one)."""
+    result = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not result.done():
+            raise ApiError(400, "the client disconnected before the answer")
+        return result.result()
+    finally:  # also when this task is cancelled (e.g. shutdown's grace period ran out)
+        result.cancel()
+        gone.cancel()
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The app: load the model when it starts (in the batcher's thread), serve, and on shutdown
     let queued requests finish within `settings.grace_s`."""
@@ -309,7 +330,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             uploading -= 1
         try:
-            prediction = await asyncio.wrap_future(batcher.submit(data, topk))
+            prediction = await _result_unless_disconnected(request, batcher.submit(data, topk))
         except QueueFull:
             raise ApiError(503, "the queue is full; retry shortly", {"Retry-After": str(_RETRY_AFTER_FULL_S)}) from None
         except (NotReady, ShuttingDown) as error:
