@@ -55,7 +55,8 @@ class Settings:
 
     classifier_options: keyword arguments of `vim_rpi.Classifier` (checkpoint, model, threads, ...).
     token: if set, /v1/* requires "Authorization: Bearer <token>".
-    queue: most requests waiting at once; more get 503. max_batch: most run in one forward.
+    queue: most requests in the server at once besides the running forward (uploading, decoding,
+        waiting for the model); more get 503. max_batch: most run in one forward.
     max_upload_mb: larger request bodies get 413 (refused while streaming, never buffered whole).
     grace_s: on shutdown, how long queued requests may still take.
     on_load_error: called with the exception when the model cannot be loaded.
@@ -267,7 +268,6 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Vision Mamba (Vim) image classification", version=vim_rpi.__version__,
                   lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Classify images with a Vim model loaded once. Every error is JSON {\"error\"}.")
-    app.state.batcher = batcher
     app.add_middleware(_AccessLog)
 
     @app.exception_handler(ApiError)
