@@ -149,7 +149,7 @@ def multipart(fields):
 @pytest.fixture(scope="module")
 def server(files):
     """The tiny model, no token, uploads up to 1 MB; shared by most tests."""
-    srv = Server(files["root"], files["small"], "--max-upload-mb", str(MAX_UPLOAD_MB))
+    srv = Server(files["root"], files["small"], "--max-upload-mb", str(MAX_UPLOAD_MB), "--upload-timeout-s", "2")
     yield srv
     srv.stop()
 
@@ -269,6 +269,16 @@ def test_clients_that_disconnect_disturb_no_one(server, files):
             sock.sendall(payload)
     assert classify(server, image)[0] == 200
     assert "Traceback" not in server.stderr()
+
+
+def test_a_stalled_upload_gets_408_and_frees_its_place(server, files):
+    image = files["images"]["png"]
+    head = f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(image)}\r\n\r\n".encode()
+    start = time.monotonic()
+    status, _, body = _send_raw(server, head + image[:100])  # and then nothing more
+    assert status == 408 and "longer than 2 s" in body["error"] and time.monotonic() - start < TIMEOUT
+    assert request(server, "GET", "/v1/info")[2]["server"]["waiting"] == 0
+    assert classify(server, image)[0] == 200
 
 
 def test_one_log_line_per_request_without_image_content(server, files):

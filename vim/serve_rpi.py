@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most waiting requests run together in one forward; 1: no batching [%(default)s]")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
                         help="larger uploads are refused with 413 [%(default)s]")
+    parser.add_argument("--upload-timeout-s", type=float, default=60.0, metavar="S",
+                        help="a slower upload is refused with 408, freeing its place in the queue [%(default)s]")
     parser.add_argument("--grace-s", type=float, default=10.0, metavar="S",
                         help="on SIGTERM/SIGINT, time left for queued requests [%(default)s]")
     cli.add_model_arguments(parser)
@@ -85,6 +87,8 @@ def check_args(parser, args) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not args.max_upload_mb > 0:
         parser.error(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    if not args.upload_timeout_s > 0:
+        parser.error(f"--upload-timeout-s must be > 0, got {args.upload_timeout_s}")
     if not args.grace_s >= 0:
         parser.error(f"--grace-s must be >= 0, got {args.grace_s}")
     cli.check_environment(parser, args)
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
                                 exact_preprocess=args.exact_preprocess, backend=args.backend, device=args.device,
                                 ema=args.ema, trust_checkpoint=args.trust_checkpoint),
         token=args.token, queue=args.queue, max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
-        grace_s=args.grace_s, on_load_error=on_load_error)
+        upload_timeout_s=args.upload_timeout_s, grace_s=args.grace_s, on_load_error=on_load_error)
     config = uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=args.grace_s, server_header=False)
     server = uvicorn.Server(config)

@@ -58,6 +58,7 @@ class Settings:
     queue: most requests in the server at once besides the running forward (uploading, decoding,
         waiting for the model); more get 503. max_batch: most run in one forward.
     max_upload_mb: larger request bodies get 413 (refused while streaming, never buffered whole).
+    upload_timeout_s: an upload that takes longer gets 408 and gives its place in the queue back.
     grace_s: on shutdown, how long queued requests may still take.
     on_load_error: called with the exception when the model cannot be loaded.
     """
@@ -67,6 +68,7 @@ class Settings:
     queue: int = 16
     max_batch: int = 8
     max_upload_mb: float = 20.0
+    upload_timeout_s: float = 60.0
     grace_s: float = 10.0
     on_load_error: Optional[Callable[[BaseException], None]] = None
 
@@ -108,6 +110,7 @@ def _error(status, message, headers=None):
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
     (400, "empty body, malformed multipart, or no 'image' field"),
     (401, "token required (Authorization: Bearer <token>)"),
+    (408, "upload slower than --upload-timeout-s"),
     (413, "upload larger than --max-upload-mb"),
     (422, "not a usable image (not an image, truncated, too many pixels), or topk out of range"),
     (503, "model loading, queue full or shutting down; see Retry-After"),
@@ -326,7 +329,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(503, "the queue is full; retry shortly", {"Retry-After": str(_RETRY_AFTER_FULL_S)})
         uploading += 1
         try:
-            data = await _read_image(request, limit)
+            data = await asyncio.wait_for(_read_image(request, limit), settings.upload_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the upload took longer than {settings.upload_timeout_s:g} s") from None
         finally:
             uploading -= 1
         try:
