@@ -2,8 +2,9 @@
 # One-command set-up on a fresh 64-bit Raspberry Pi OS (or any Linux CPU machine):
 #   bash scripts/setup_rpi.sh [--minimal] [--system-site-packages]
 # Creates .venv in the repository, installs CPU-only PyTorch from PyTorch's CPU wheel index, the
-# other dependencies, both kernel packages (editable), and runs a smoke test.
-# --minimal skips the optional torchvision, timm and OpenCV (--video FILE|INDEX).
+# other dependencies, both kernel packages and this project (editable), and runs a smoke test.
+# --minimal skips the optional torchvision, timm, OpenCV (--video FILE|INDEX) and the HTTP
+#   server's packages.
 # --system-site-packages lets the venv see apt's Python packages, for the Pi camera module
 #   (sudo apt install python3-picamera2; infer_rpi.py --video picam); running without it again
 #   turns that off. Either way an existing venv is updated, not recreated.
@@ -28,7 +29,7 @@ for arg in "$@"; do
   case "$arg" in
     --minimal) EXTRAS=0 ;;
     --system-site-packages) SYSTEM_SITE=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "setup_rpi.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -81,6 +82,11 @@ if [ "$EXTRAS" = 1 ]; then
 fi
 "${pip[@]}" -e causal-conv1d -e mamba-1p1p1 -e .
 
+if [ "$EXTRAS" = 1 ]; then
+  echo "== installing the HTTP server's packages (vim/serve_rpi.py)"
+  "${pip[@]}" -r scripts/requirements-serve.txt
+fi
+
 echo "== smoke test"
 "$VENV/bin/python" - <<'PY'
 import torch
@@ -98,3 +104,4 @@ echo
 echo "Done. Classify the bundled sample photo (downloads the Vim-Tiny weights, ~115 MB, on first use;"
 echo "HF_ENDPOINT=https://hf-mirror.com for a mirror), or pass your own images:"
 echo "  $VENV/bin/python vim/infer_rpi.py"
+[ "$EXTRAS" = 0 ] || echo "Or serve a page and an API on http://127.0.0.1:8000/: $VENV/bin/python vim/serve_rpi.py"

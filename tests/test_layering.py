@@ -18,9 +18,13 @@ LAYERS = [
     {"factory"},
     {"classifier", "folder_dataset", "engine"},
     {"streams"},
-    {"cli"},
-    {"infer_rpi", "main", "models_mamba"},
+    {"cli", "batcher"},
+    {"infer_rpi", "main", "models_mamba", "server"},
+    {"serve_rpi"},
 ]
+# The web framework is optional (scripts/requirements-serve.txt): only the server may import it.
+WEB_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "multipart", "pydantic")
+WEB_MODULES = {"server", "serve_rpi"}
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 
@@ -52,6 +56,12 @@ def test_every_module_has_a_layer():
 def test_imports_go_only_downward(module):
     upward = {name for name in _imports(PACKAGE / f"{module}.py", "vim_rpi") if RANK[name] >= RANK[module]}
     assert not upward, f"vim_rpi.{module} (layer {RANK[module]}) imports {sorted(upward)} from its layer or above"
+
+
+@pytest.mark.parametrize("module", sorted(set(_modules()) - WEB_MODULES))
+def test_only_the_server_imports_the_web_framework(module):
+    used = [name for name in WEB_PACKAGES if _imports_package(PACKAGE / f"{module}.py", name)]
+    assert not used, f"vim_rpi.{module} imports {used}; only {sorted(WEB_MODULES)} may"
 
 
 def test_the_package_init_imports_nothing_eagerly():

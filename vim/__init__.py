@@ -11,8 +11,11 @@ Layers, each importing only those below it (tests/test_layering.py checks this):
   factory                                              create_model / load_model
   classifier, folder_dataset, engine                   the Classifier API; training and evaluation
   streams                                              video sources, the latest-frame loop, path streams
-  cli                                                  what the command-line front ends share
-  infer_rpi, main, models_mamba                        front ends and upstream's compatibility module
+  cli, batcher                                         what the command-line front ends share; the
+                                                       worker thread that batches requests for a server
+  infer_rpi, main, models_mamba, server                front ends, upstream's compatibility module, the
+                                                       HTTP app (FastAPI: optional, imported only there)
+  serve_rpi                                            the HTTP server's command line (uvicorn)
 Names are loaded on first use, so `import vim_rpi` stays cheap.
 """
 
