@@ -10,3 +10,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def main_in_process(monkeypatch, capsys, tmp_path):
+    """vim/infer_rpi.py's main() run inside pytest (cheaper than a process), with an empty
+    download cache: returns run(args) -> (exit code, stdout, stderr); restores the thread count."""
+    monkeypatch.setenv("VIM_RPI_CACHE", str(tmp_path / "cache"))
+    from vim_rpi import infer_rpi
+
+    threads = torch.get_num_threads()
+
+    def run(args):
+        try:
+            code = infer_rpi.main([str(a) for a in args])
+        except SystemExit as exit_info:
+            code = exit_info.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    torch.set_num_threads(threads)

@@ -236,27 +236,6 @@ def test_ema_int8_input_size_and_small_head(files):
     assert sum(e["prob"] for e in topk) == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.fixture
-def main_in_process(monkeypatch, capsys, tmp_path):
-    """infer_rpi.main run inside pytest (cheaper than a process) for error paths and downloads:
-    returns run(args) -> (exit code, stdout, stderr)."""
-    monkeypatch.setenv("VIM_RPI_CACHE", str(tmp_path / "cache"))
-    from vim_rpi import infer_rpi
-
-    threads = torch.get_num_threads()
-
-    def run(args):
-        try:
-            code = infer_rpi.main([str(a) for a in args])
-        except SystemExit as exit_info:
-            code = exit_info.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield run
-    torch.set_num_threads(threads)
-
-
 def test_checkpoint_errors_and_late_usage_error(files, main_in_process, tmp_path):
     image = files["images"] / "wide.jpg"
     not_a_checkpoint = tmp_path / "weights.pth"

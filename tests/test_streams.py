@@ -298,25 +298,6 @@ def test_paths_from_stdin_classifies_each_line_as_it_arrives(assets, processes, 
     assert len(process.stderr.read().splitlines()) == 2  # one line per failed path
 
 
-@pytest.fixture
-def main_in_process(capsys):
-    """infer_rpi.main inside pytest: run(args) -> (exit code, stdout, stderr); restores threads."""
-    from vim_rpi import infer_rpi
-
-    threads = torch.get_num_threads()
-
-    def run(args):
-        try:
-            code = infer_rpi.main([str(a) for a in args])
-        except SystemExit as exit_info:
-            code = exit_info.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield run
-    torch.set_num_threads(threads)
-
-
 def test_directories_and_recursive(assets, main_in_process, tmp_path):
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)

@@ -17,7 +17,8 @@ from vim_rpi.errors import (CheckpointError, ConfigError, DatasetError, Download
                             SourceError, TrainingError)
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_CHECKPOINT", "EXIT_DATA", "EXIT_INTERRUPTED",
-           "add_model_arguments", "add_runtime_arguments", "check_environment", "setup", "run", "exit_status"]
+           "add_model_arguments", "add_checkpoint_arguments", "add_runtime_arguments", "check_environment", "setup",
+           "run", "exit_status"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -65,6 +66,11 @@ def add_model_arguments(parser, *, model_flags=("-m", "--model"), checkpoint=Tru
                                  "faster reduced-scale decode")
     parser.add_argument("--input-size", type=int, metavar="PX",
                         help="side of the square model input [default: the checkpoint's, 224]")
+    add_checkpoint_arguments(parser)
+
+
+def add_checkpoint_arguments(parser):
+    """--ema and --trust-checkpoint, spelled and explained the same in every front end."""
     parser.add_argument("--ema", action="store_true",
                         help="use the checkpoint's model_ema weights instead of model")
     parser.add_argument("--trust-checkpoint", action="store_true",

@@ -81,11 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     task.add_argument("--model", metavar="NAME",
                       help="registered model name or alias, e.g. vim_tiny [default: the "
                            "architecture stored in the checkpoint]")
-    task.add_argument("--ema", action="store_true",
-                      help="use the checkpoint's model_ema weights instead of model")
-    task.add_argument("--trust-checkpoint", action="store_true",
-                      help="allow the checkpoint to unpickle arbitrary Python objects; this can "
-                           "run code, so only for files you trust")
+    cli.add_checkpoint_arguments(task)
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", metavar="DIR", required=True,
