@@ -26,8 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from mamba_ssm.ops import bimamba_v2_numba
 from mamba_ssm.ops.backends import which_backend
 from mamba_ssm.ops.bimamba_v2 import bimamba_v2_fast
+from mamba_ssm.ops.selective_scan_fast import cpu_backend
 from mamba_ssm.ops.selective_scan_interface import (
     bimamba_inner_fn_no_out_proj,
     inner_projections,
@@ -162,8 +164,14 @@ class Mamba(nn.Module):
         xz = self.in_proj(hidden_states)  # (b, l, 2 * d_inner)
         if self.bimamba_type == "v2" and which_backend(hidden_states) == "fast":
             c = self._v2_constants()
-            y = bimamba_v2_fast(xz, c.conv_weight, c.conv_bias, c.x_proj, c.dt_proj, c.A, c.D, self.dt_rank,
-                                self.if_divide_out)  # (b, l, d_inner)
+            f = c.fused
+            if (cpu_backend() == "numba" and bimamba_v2_numba.load_error() is None
+                    and bimamba_v2_numba.supports(xz, f.conv_weight, f.conv_bias, f.dt_weight, f.dt_bias, f.A, f.D)):
+                y = bimamba_v2_numba.bimamba_v2_numba(xz, f.conv_weight, f.conv_bias, c.x_proj, f.dt_weight, f.dt_bias,
+                                                      f.A, f.D, self.if_divide_out)  # (b, l, d_inner)
+            else:
+                y = bimamba_v2_fast(xz, c.conv_weight, c.conv_bias, c.x_proj, c.dt_proj, c.A, c.D, self.dt_rank,
+                                    self.if_divide_out)  # (b, l, d_inner)
         else:
             y = self._inner(xz.transpose(1, 2)).transpose(1, 2)
         return self._scale(self.out_proj(y))
@@ -237,16 +245,25 @@ class Mamba(nn.Module):
                 return _stacked_linear(stack(forward_module.weight, backward_module.weight), bias)
             return _paired_modules(forward_module, backward_module)
 
+        conv_weight = stack(*(c.weight.squeeze(1).t() for c in convs))  # (2, w, d_inner)
+        A = -torch.exp(_fp32(stack(self.A_log, self.A_b_log))).transpose(1, 2).contiguous()  # (2, n, d_inner)
+        D = _fp32(stack(self.D, self.D_b))  # (2, d_inner)
+        dt_weights, dt_biases = zip(*(dense_linear(m) for m in (self.dt_proj, self.dt_proj_b)))
         return SimpleNamespace(
             # (2, 1, d_inner, w), stored (w, d_inner)-contiguous: each conv tap runs along channels
-            conv_weight=stack(*(c.weight.squeeze(1).t() for c in convs)).unsqueeze(1).transpose(-1, -2),
+            conv_weight=conv_weight.unsqueeze(1).transpose(-1, -2),
             conv_bias=conv_bias,  # (2, 1, d_inner)
             x_proj=projection(self.x_proj, self.x_proj_b),
             dt_proj=projection(self.dt_proj, self.dt_proj_b),
             # (2, 1, d_inner, n), stored (n, d_inner)-contiguous: the scan works on A transposed
-            A=-torch.exp(_fp32(stack(self.A_log, self.A_b_log))).transpose(1, 2).contiguous().unsqueeze(1)
-            .transpose(-1, -2),
-            D=_fp32(stack(self.D, self.D_b)).unsqueeze(1),  # (2, 1, d_inner)
+            A=A.unsqueeze(1).transpose(-1, -2),
+            D=D.unsqueeze(1),  # (2, 1, d_inner)
+            # the layouts `bimamba_v2_numba` takes: conv taps, dt_proj's rank rows and A's state rows
+            # contiguous along channels; dt_proj dense (a quantized one dequantized, its input then
+            # staying float32)
+            fused=SimpleNamespace(conv_weight=conv_weight, conv_bias=None if conv_bias is None else conv_bias.squeeze(1),
+                                  dt_weight=stack(*dt_weights).transpose(1, 2).contiguous(),  # (2, r, d_inner)
+                                  dt_bias=stack(*dt_biases), A=A, D=D),
         )
 
     def _forward_with_cache(self, hidden_states, inference_params):
