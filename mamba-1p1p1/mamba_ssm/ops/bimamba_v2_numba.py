@@ -282,6 +282,10 @@ class _Kernels:
     def __init__(self):
         import llvmlite.binding as llvm
 
+        try:
+            llvm.initialize()  # llvmlite < 0.45 needs it; later ones initialize LLVM themselves and refuse it
+        except RuntimeError:
+            pass
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
         machine, cpu = _target_machine(llvm)
