@@ -197,6 +197,48 @@ def test_declined_calls_take_the_torch_path(fused_calls):
     assert not fused.supports(h.detach().double())
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 37, 48), (1, 197, 192)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_float64(shape, with_residual):
+    gen = torch.Generator().manual_seed(shape[1])
+    x, residual, weight = (torch.randn(*s, generator=gen) for s in (shape, shape, shape[-1:]))
+    residual = residual if with_residual else None
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, s = fused.add_rms_norm(x, residual, weight, 1e-5)
+    finally:
+        torch.set_num_threads(old)
+    want_s = x.double() + (0 if residual is None else residual.double())
+    want = want_s / torch.sqrt(want_s.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    assert rel_err(s, want_s) <= 1e-7 and rel_err(out, want) <= 1e-6
+    assert (s is x) == (residual is None)
+
+
+def test_block_runs_the_fused_norm_in_eval_mode(monkeypatch):
+    from mamba_ssm.modules.mamba_simple import Block
+    from mamba_ssm.ops.triton.layer_norm import RMSNorm, rms_norm_fn
+
+    calls = []
+    real = fused.add_rms_norm
+    monkeypatch.setattr(fused, "add_rms_norm", lambda *a: calls.append(a) or real(*a))
+    torch.manual_seed(0)
+    block = Block(16, lambda d: Mamba(d, d_state=4, bimamba_type="v2", if_divide_out=True),
+                  norm_cls=lambda d: RMSNorm(d, eps=1e-5), fused_add_norm=True, residual_in_fp32=True).eval()
+    with torch.no_grad():
+        block.norm.weight.add_(torch.randn(16))
+    h, r = hidden(2, 11, 16), hidden(2, 11, 16, seed=2)
+    with torch.inference_mode():
+        got, got_residual = block(h, r)
+        want_norm, want_residual = rms_norm_fn(h, block.norm.weight, None, residual=r, eps=1e-5, prenorm=True)
+        want = block.mixer(want_norm)
+    assert len(calls) == 1
+    assert rel_err(got_residual, want_residual) <= 1e-7 and rel_err(got, want) <= TOL
+    block.train()
+    block(h, r)
+    assert len(calls) == 1  # training keeps the torch path
+
+
 # ---- start-up and failures, in fresh processes ---------------------------------------------------
 
 def _python(code, tmp_path, extra_path=None):

@@ -364,6 +364,9 @@ class Block(nn.Module):
             hidden_states = self.norm(residual if weight is None else residual.to(dtype=weight.dtype))
             if self.residual_in_fp32:
                 residual = _fp32(residual)
+        elif self._numba_norm(hidden_states, residual):
+            hidden_states, residual = bimamba_v2_numba.add_rms_norm(hidden_states, residual, self.norm.weight,
+                                                                    self.norm.eps)
         else:
             norm_fn = rms_norm_fn if isinstance(self.norm, RMSNorm) else layer_norm_fn
             hidden_states, residual = norm_fn(
@@ -371,6 +374,13 @@ class Block(nn.Module):
                 self.norm.weight, self.norm.bias, residual=residual, eps=self.norm.eps, prenorm=True,
                 residual_in_fp32=self.residual_in_fp32)
         return self.mixer(hidden_states, inference_params=inference_params), residual
+
+    def _numba_norm(self, hidden_states, residual):
+        """Whether the fused add + RMSNorm runs as a numba kernel (eval mode, float32, the numba backend)."""
+        return (not self.training and isinstance(self.norm, RMSNorm) and self.norm.weight is not None
+                and which_backend(hidden_states) == "fast" and cpu_backend() == "numba"
+                and bimamba_v2_numba.load_error() is None
+                and bimamba_v2_numba.supports(hidden_states, residual, self.norm.weight))
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)

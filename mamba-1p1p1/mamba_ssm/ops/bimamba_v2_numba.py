@@ -53,6 +53,7 @@ import torch
 # wastes at most 1/8 of a thread's share.
 BLOCKS = (128, 96, 64, 48, 32, 16)
 CONV_STEPS = 16  # time steps per conv work item (each reads the whole channel row: long loops)
+NORM_ROWS = 16  # rows per add + RMSNorm work item
 _CACHE_FORMAT = 1
 _SOURCES = ("bimamba_v2_numba.py", "numba_math.py")  # what the compiled code is made of
 # numba's runtime functions that cfunc wrappers reference on their error path only (when a kernel
@@ -184,7 +185,41 @@ def _define_kernels():
                         for j in range(m):
                             out[j] += acc[j] * silu(z[j]) * scale
 
-    return {"conv": conv, "scan": scan}
+    @intrinsic
+    def float64_from_bits(typingctx, bits):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float64))
+
+        return types.float64(types.int64), codegen
+
+    @cfunc(types.void(task_type), **options)
+    def add_rms_norm(task):
+        """task[3:11] = x (rows, k), residual (rows, k), weight (k,), out (rows, k), s (rows, k),
+        rows, k, eps (float64 bits); without a residual (its address 0) s = x is not written;
+        items: blocks of NORM_ROWS rows."""
+        rows, k, eps = task[8], task[9], float64_from_bits(task[10])
+        x = carray(floats_at(task[3]), (rows, k))
+        residual = carray(floats_at(task[4] if task[4] else task[3]), (rows, k))
+        weight = carray(floats_at(task[5]), (k,))
+        out = carray(floats_at(task[6]), (rows, k))
+        s = carray(floats_at(task[7] if task[4] else task[3]), (rows, k))
+        while True:
+            item = take(task, 0)
+            if item >= task[2]:
+                break
+            for row in range(item * NORM_ROWS, min(item * NORM_ROWS + NORM_ROWS, rows)):
+                xs, rs, ss, o = x[row], residual[row], s[row], out[row]
+                if task[4]:
+                    for j in range(k):
+                        ss[j] = xs[j] + rs[j]
+                total = 0.0  # float64: a sequential float32 sum of k squares would lose ~k/2 ulp
+                for j in range(k):
+                    total += ss[j] * ss[j]
+                scale = np.float32(1.0 / np.sqrt(total / k + eps))
+                for j in range(k):
+                    o[j] = ss[j] * scale * weight[j]
+
+    return {"conv": conv, "scan": scan, "add_rms_norm": add_rms_norm}
 
 
 # ---- compiled code: built by numba once, loaded by llvmlite ------------------------------------
@@ -276,7 +311,7 @@ def _resolve_externals(llvm, names):
 
 
 class _Kernels:
-    """The loaded machine code: `conv` and `scan` as (address, ctypes function) pairs, and
+    """The loaded machine code: each kernel as an (address, ctypes function) pair, and
     `openmp`, torch's GOMP_parallel (or None)."""
 
     def __init__(self):
@@ -300,7 +335,7 @@ class _Kernels:
         self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         self._engine.finalize_object()
         self.path = path
-        for name in ("conv", "scan"):
+        for name in ("conv", "scan", "add_rms_norm"):
             address = self._engine.get_function_address(meta["symbols"][name])
             if not address:
                 raise RuntimeError(f"{path}.o has no kernel {name!r}")
@@ -389,12 +424,12 @@ def _task(items, *fields):
 
 # ---- the entry point -----------------------------------------------------------------------------
 
-def supports(xz, *params):
-    """Whether `bimamba_v2_numba` takes a call with in_proj output xz and these parameter
-    tensors (None allowed) in its layouts: all float32 on the CPU, the parameters contiguous,
-    nothing recording autograd. Any b, l, d, n, r, w."""
+def supports(x, *params):
+    """Whether `bimamba_v2_numba` (x: in_proj's output) or `add_rms_norm` (x: the block's input)
+    takes a call with these other tensors (None allowed) in its layouts: all float32 on the CPU,
+    the others contiguous, nothing recording autograd. Any b, l, d, n, r, w."""
     params = tuple(t for t in params if t is not None)
-    tensors = (xz,) + params
+    tensors = (x,) + params
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and all(t.is_contiguous() for t in params)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
@@ -445,3 +480,21 @@ def bimamba_v2_numba(xz, conv_weight, conv_bias, x_proj, dt_proj_weight, dt_proj
                              _ptr(xz), _ptr(y), work.ctypes.data, b, l, d, n, r, block, int(bool(if_divide_out))),
          items, threads)
     return y
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """Block's fused add + RMSNorm (inference, float32; see `supports`): x, residual (b, l, k) or
+    residual None; weight (k,). Returns (out, s) with s = x + residual (x itself without a
+    residual) and out = s / sqrt(mean(s^2) + eps) * weight, as `rms_norm_fn(..., prenorm=True)`."""
+    kernels = _kernels()
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()  # referenced until the kernel ran
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    out = x.new_empty(x.shape)
+    s = x if residual is None else x.new_empty(x.shape)
+    items = -(-rows // NORM_ROWS)
+    eps_bits = int(np.float64(eps).view(np.int64))
+    _run(kernels, kernels.add_rms_norm, _task(items, _ptr(x), 0 if residual is None else _ptr(residual),
+                                              _ptr(weight), _ptr(out), _ptr(s), rows, k, eps_bits),
+         items, torch.get_num_threads())
+    return out, s
