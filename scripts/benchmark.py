@@ -518,9 +518,10 @@ def print_table(report):
         print(f"minor page faults per forward (1 thread): default malloc {faults['default']:.0f}, "
               f"after runtime.tune_malloc() {tuned}")
         wall = report["infer_rpi_wall"]
+        numba = wall.get("infer_rpi_fp32_numba")
         print("fresh infer_rpi.py on one image, wall time (median of "
               f"{wall['infer_rpi_fp32']['runs']}): torch kernel {wall['infer_rpi_fp32']['median_ms']:.0f} ms"
-              + (f", numba {wall['infer_rpi_fp32_numba']['median_ms']:.0f} ms" if "infer_rpi_fp32_numba" in wall else ""))
+              + (f", numba {numba['median_ms']:.0f} ms" if numba else ""))
         for kernel, c in report["cold_start"].items():
             print(f"cold start, {kernel}, {c['threads']} threads: first forward {c['first_ms']:.1f} ms, warm "
                   f"{c['warm_ms']:.1f} ms, {c['first_over_warm']:.2f}x (load-time preparation before it "

@@ -261,7 +261,8 @@ class Mamba(nn.Module):
             # the layouts `bimamba_v2_numba` takes: conv taps, dt_proj's rank rows and A's state rows
             # contiguous along channels; dt_proj dense (a quantized one dequantized, its input then
             # staying float32)
-            fused=SimpleNamespace(conv_weight=conv_weight, conv_bias=None if conv_bias is None else conv_bias.squeeze(1),
+            fused=SimpleNamespace(conv_weight=conv_weight,
+                                  conv_bias=None if conv_bias is None else conv_bias.squeeze(1),  # (2, d_inner)
                                   dt_weight=stack(*dt_weights).transpose(1, 2).contiguous(),  # (2, r, d_inner)
                                   dt_bias=stack(*dt_biases), A=A, D=D),
         )

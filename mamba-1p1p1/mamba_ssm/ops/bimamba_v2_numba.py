@@ -1,4 +1,5 @@
-"""Vim's bidirectional ("v2") mixer between in_proj and out_proj as two fused numba CPU kernels.
+"""Vim's bidirectional ("v2") mixer between in_proj and out_proj as two fused numba CPU kernels
+(and the block's residual add + RMSNorm as a third one, `add_rms_norm`).
 
 Glossary: b batch, l sequence length, d channels (d_inner), n state size, r dt rank, w conv width;
 direction 0 reads the sequence forward, direction 1 backward (its own parameters, upstream's _b).
@@ -22,8 +23,8 @@ its A stay in L1; the channel block is chosen per call (`_channel_block`) so tha
 split evenly over the threads (Vim-Tiny at batch 1: 3 items of 128 channels on 1 or 3 threads,
 4 of 96 on 2 or 4). exp, silu and softplus are `numba_math`'s vectorizable float32 versions.
 
-Start-up: importing numba and loading its on-disk cache costs ~0.4 s here (several times that
-on a Pi 4), more than the fused kernels save on one image. So numba only compiles: `warm_up()`
+Start-up: importing numba and loading its on-disk cache costs ~0.4 s here (~0.8 s on a Pi, as
+issue 13 measured), more than the fused kernels save on one image. So numba only compiles: `warm_up()`
 (run at set-up time) compiles the kernels as C functions (numba.cfunc) and stores LLVM's
 machine code for this CPU in one object file; later processes load that file with llvmlite
 alone (~25 ms, numba is not imported) and call the kernels through ctypes, which releases the
@@ -60,7 +61,6 @@ _SOURCES = ("bimamba_v2_numba.py", "numba_math.py")  # what the compiled code is
 # raises). These kernels cannot raise (no allocation, no bounds checks, numpy's float error model)
 # and numba is not loaded to provide them: they are bound to abort() unless numba already is.
 _ERROR_PATH_SYMBOLS = ("numba_gil_ensure", "numba_gil_release", "NRT_MemInfo_call_dtor")
-
 
 
 def _define_kernels():
@@ -467,8 +467,8 @@ def bimamba_v2_numba(xz, conv_weight, conv_bias, x_proj, dt_proj_weight, dt_proj
         conv_bias = conv_weight.new_zeros(2, d)
     xc = xz.new_empty(2, b, l, d)
     items = 2 * b * -(-l // CONV_STEPS)
-    _run(kernels, kernels.conv, _task(items, _ptr(xz), _ptr(conv_weight), _ptr(conv_bias), _ptr(xc), b, l, d, w, CONV_STEPS),
-         items, threads)
+    task = _task(items, _ptr(xz), _ptr(conv_weight), _ptr(conv_bias), _ptr(xc), b, l, d, w, CONV_STEPS)
+    _run(kernels, kernels.conv, task, items, threads)
     x_dbl = x_proj(xc)
     if x_dbl.dtype != torch.float32 or not x_dbl.is_contiguous():
         x_dbl = x_dbl.to(torch.float32, memory_format=torch.contiguous_format)
@@ -476,9 +476,9 @@ def bimamba_v2_numba(xz, conv_weight, conv_bias, x_proj, dt_proj_weight, dt_proj
     block = _channel_block(b, d, threads)
     items = b * -(-d // block)
     work = np.empty((min(threads, items), 2 * n + 3, block), np.float32)
-    _run(kernels, kernels.scan, _task(items, _ptr(xc), _ptr(x_dbl), _ptr(dt_proj_weight), _ptr(dt_proj_bias), _ptr(A), _ptr(D),
-                             _ptr(xz), _ptr(y), work.ctypes.data, b, l, d, n, r, block, int(bool(if_divide_out))),
-         items, threads)
+    task = _task(items, _ptr(xc), _ptr(x_dbl), _ptr(dt_proj_weight), _ptr(dt_proj_bias), _ptr(A), _ptr(D), _ptr(xz),
+                 _ptr(y), work.ctypes.data, b, l, d, n, r, block, int(bool(if_divide_out)))
+    _run(kernels, kernels.scan, task, items, threads)
     return y
 
 
@@ -494,7 +494,7 @@ def add_rms_norm(x, residual, weight, eps):
     s = x if residual is None else x.new_empty(x.shape)
     items = -(-rows // NORM_ROWS)
     eps_bits = int(np.float64(eps).view(np.int64))
-    _run(kernels, kernels.add_rms_norm, _task(items, _ptr(x), 0 if residual is None else _ptr(residual),
-                                              _ptr(weight), _ptr(out), _ptr(s), rows, k, eps_bits),
-         items, torch.get_num_threads())
+    task = _task(items, _ptr(x), 0 if residual is None else _ptr(residual), _ptr(weight), _ptr(out), _ptr(s), rows,
+                 k, eps_bits)
+    _run(kernels, kernels.add_rms_norm, task, items, torch.get_num_threads())
     return out, s
