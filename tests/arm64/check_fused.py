@@ -38,6 +38,7 @@ def mixer_reference(mixer, hidden):
 ])
 def test_fused_mixer_matches_float64(monkeypatch, b, l, d_model, d_state, threads):
     assert fused.load_error() is None
+    assert fused._kernels().openmp is not None  # found torch's OpenMP runtime: parallel on its threads
     calls = []
     real = fused.bimamba_v2_numba
     monkeypatch.setattr(fused, "bimamba_v2_numba", lambda *a: calls.append(a) or real(*a))
