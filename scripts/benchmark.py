@@ -9,7 +9,8 @@ Timed in this process, after warm-up, interleaved: every repetition runs each va
   vim fp32    the default fast path with the pure-PyTorch scan kernel
               (SELECTIVE_SCAN_CPU_BACKEND=torch): the issue's targets are about this one
   vim int8    the same with dynamic-int8 Linear layers (vim/quantization.py)
-  vim numba   the fast path with the optional numba scan kernel (only when numba is installed)
+  vim numba   SELECTIVE_SCAN_CPU_BACKEND=numba: each v2 mixer runs the fused numba kernels
+              (mamba_ssm/ops/bimamba_v2_numba.py; only when numba is installed)
   vim ref     the sequential reference kernels (mamba_ssm.use_backend("ref")); slow, so it runs
               only every few repetitions
   deit fp32   DeiT-Tiny built from torch.nn only (16 px patches, 12 pre-norm
@@ -23,6 +24,11 @@ Also measured, in fresh processes so that nothing of this one is counted:
   - peak RSS of `vim/infer_rpi.py --json` on one generated image with a random-weight checkpoint
     (fp32 and dynamic-int8 with the torch kernel, fp32 with numba when installed), and of a
     process that only imports torch;
+  - wall time of that fresh infer_rpi.py (fp32), torch kernel against numba, runs interleaved
+    (--cold-repeats each, medians), with the numba kernels' cache warmed beforehand as set-up does;
+  - cold start: in a fresh process per kernel (all cores), the first forward against the median
+    of the next ones, after what a CLI does at model load: mamba_simple.build_inference_constants
+    and, for numba, bimamba_v2_numba.warm_up() (kernel load); their time is reported apart;
   - minor page faults per forward with glibc's default malloc, then after runtime.tune_malloc()
     (this process runs with tune_malloc applied).
 Ops dispatched per forward are counted with a TorchDispatchMode: every aten op that reaches
@@ -52,6 +58,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mamba_ssm
 import vim_rpi
+from causal_conv1d.backends import CPU_BACKEND_ENV
+from mamba_ssm.modules.mamba_simple import build_inference_constants
 from vim_rpi import checkpoint_io, quantization, runtime
 
 VIM_DIR = pathlib.Path(__file__).resolve().parent.parent / "vim"
@@ -107,7 +115,10 @@ def build_parser():
     parser.add_argument("--no-processes", action="store_true",
                         help="skip the fresh-process measurements (peak RSS, page faults)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--cold-repeats", type=int, default=3, metavar="N",
+                        help="fresh infer_rpi.py runs per scan kernel for the wall time [%(default)s]")
     parser.add_argument("--fault-probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cold-probe", choices=("torch", "numba"), help=argparse.SUPPRESS)
     return parser
 
 
@@ -115,7 +126,7 @@ def check_args(parser, args):
     if not vim_rpi.is_model(args.model):
         names = ", ".join(vim_rpi.list_models(include_aliases=True))
         parser.error(f"unknown model {args.model!r}; choose one of {names}")
-    for name in ("repeats", "ref_repeats", "batch_repeats"):
+    for name in ("repeats", "ref_repeats", "batch_repeats", "cold_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -123,7 +134,7 @@ def check_args(parser, args):
     if args.threads and min(args.threads) < 1:
         parser.error(f"--threads must be >= 1, got {min(args.threads)}")
     if args.quick:
-        args.repeats = args.ref_repeats = args.batch_repeats = 1
+        args.repeats = args.ref_repeats = args.batch_repeats = args.cold_repeats = 1
         args.warmup = 0
     cores = os.cpu_count() or 1
     args.threads = sorted(set(args.threads or (1, min(2, cores), cores)))
@@ -306,36 +317,65 @@ def _write_inputs(args, root):
     return checkpoint, image
 
 
+def infer_rpi_command(checkpoint, image, quantize):
+    """The command line of a fresh `infer_rpi.py --json` classifying `image` (the one place that
+    knows how the CLI is started)."""
+    return [sys.executable, str(VIM_DIR / "infer_rpi.py"), "--json", "-q", "-c", str(checkpoint),
+            "--quantize", quantize, str(image)]
+
+
+def _fresh(command, env):
+    """Run `command` in a fresh process; returns (stdout, wall seconds)."""
+    start = time.perf_counter()
+    done = subprocess.run(_via_small_parent(command), env=env, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout, wall
+
+
 def process_measurements(args):
-    """Peak RSS (MB) of fresh processes and page faults per forward, one process at a time."""
+    """Fresh processes, one at a time: peak RSS (MB), page faults per forward, infer_rpi.py wall
+    times (torch against numba, interleaved) and the cold-start probes."""
+    kernels = ("torch", "numba") if HAS_NUMBA else ("torch",)
+    if HAS_NUMBA:
+        from mamba_ssm.ops import bimamba_v2_numba
+
+        _log("numba kernels: compiling into the cache if needed (set-up's warm-up)")
+        bimamba_v2_numba.warm_up()
     with tempfile.TemporaryDirectory(prefix="vim-bench-") as tmp:
         root = pathlib.Path(tmp)
         checkpoint, image = _write_inputs(args, root)
-        infer = [sys.executable, str(VIM_DIR / "infer_rpi.py"), "--json", "-q", "-c", str(checkpoint), str(image)]
         probe = [sys.executable, str(pathlib.Path(__file__).resolve()), "--model", args.model]
         probe += ["--tiny"] if args.tiny else []
         commands = {  # name: (command, scan kernel)
             "import_torch": ([sys.executable, "-c", _TORCH_ONLY], "torch"),
-            "infer_rpi_fp32": (infer + ["--quantize", "none"], "torch"),
-            "infer_rpi_int8": (infer + ["--quantize", "dynamic-int8"], "torch"),
+            "infer_rpi_int8": (infer_rpi_command(checkpoint, image, "dynamic-int8"), "torch"),
             "faults": (probe + ["--fault-probe"], "torch"),
         }
-        if HAS_NUMBA:
-            commands["infer_rpi_fp32_numba"] = (infer + ["--quantize", "none"], "numba")
-        outputs = {}
+        for kernel in kernels:
+            commands[f"cold_{kernel}"] = (probe + ["--cold-probe", kernel] + ["--threads", str(max(args.threads))],
+                                          kernel)
+        for r in range(args.cold_repeats):  # interleaved, so load from other processes hits both alike
+            for kernel in kernels:
+                name = "infer_rpi_fp32" + ("" if kernel == "torch" else "_numba")
+                commands[f"{name}#{r}"] = (infer_rpi_command(checkpoint, image, "none"), kernel)
+        outputs, walls = {}, {}
         for key, (command, kernel) in commands.items():
             _log(f"fresh process: {key}")
-            env = _clean_env(VIM_RPI_CACHE=str(root / "cache"))
-            command = command + (["--backend", kernel] if key.startswith("infer_rpi") else [])
-            done = subprocess.run(_via_small_parent(command), env=env, capture_output=True, text=True, timeout=600)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
-            outputs[key] = done.stdout
+            env = _clean_env(VIM_RPI_CACHE=str(root / "cache"), **{CPU_BACKEND_ENV: kernel})
+            outputs[key], walls[key] = _fresh(command, env)
     rss = {"import_torch": float(outputs["import_torch"])}
+    wall_ms = {}
     for key in outputs:
         if key.startswith("infer_rpi"):
-            rss[key] = json.loads(outputs[key])["peak_rss_mb"]
-    return rss, json.loads(outputs["faults"])
+            name = key.split("#")[0]
+            rss[name] = max(rss.get(name, 0.0), json.loads(outputs[key])["peak_rss_mb"])
+            wall_ms.setdefault(name, []).append(walls[key] * 1e3)
+    wall_ms = {name: {"median_ms": statistics.median(ms), "runs": len(ms)} for name, ms in wall_ms.items()
+               if name.startswith("infer_rpi_fp32")}
+    cold = {kernel: json.loads(outputs[f"cold_{kernel}"]) for kernel in kernels}
+    return rss, json.loads(outputs["faults"]), wall_ms, cold
 
 
 def _faults_per_forward(model, x, runs):
@@ -363,6 +403,31 @@ def fault_probe(args):
                       "runs": runs}))
 
 
+def cold_probe(args):
+    """Child process: one forward after building the model and preparing it as a CLI does at
+    model load, then the next ones; prints the times in ms as JSON."""
+    runtime.tune_malloc()
+    runtime.set_threads(max(args.threads))
+    torch.manual_seed(0)
+    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval()
+    x = torch.randn(1, 3, image_size(args), image_size(args))
+    start = time.perf_counter()
+    build_inference_constants(model)
+    if args.cold_probe == "numba":
+        from mamba_ssm.ops import bimamba_v2_numba
+
+        bimamba_v2_numba.warm_up()
+    load_ms = (time.perf_counter() - start) * 1e3
+    times = []
+    for _ in range(1 if args.quick else 6):
+        start = time.perf_counter()
+        _forward(model, x, args.cold_probe)
+        times.append((time.perf_counter() - start) * 1e3)
+    warm = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    print(json.dumps({"load_ms": load_ms, "first_ms": times[0], "warm_ms": warm,
+                      "first_over_warm": times[0] / warm, "threads": torch.get_num_threads()}))
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 def run(args):
@@ -370,9 +435,11 @@ def run(args):
                          "tiny": args.tiny, "repeats": args.repeats, "ref_repeats": args.ref_repeats,
                          "batch_repeats": args.batch_repeats, "warmup": args.warmup, "threads": args.threads}}
     if not args.no_processes:
-        rss, faults = process_measurements(args)
+        rss, faults, wall_ms, cold = process_measurements(args)
         report["peak_rss_mb"] = rss
         report["page_faults_per_forward"] = faults
+        report["infer_rpi_wall"] = wall_ms
+        report["cold_start"] = cold
     malloc_tuned = runtime.tune_malloc()
     report["environment"] = environment(malloc_tuned)
     models = build_models(args)
@@ -414,7 +481,7 @@ def print_table(report):
     h = report["headline"]
     print(f"Vim/DeiT (fp32, batch 1, medians): {_ratios(h['vim_over_deit'])}")
     if "numba_over_deit" in h:
-        print(f"Vim with the numba scan kernel / DeiT: {_ratios(h['numba_over_deit'])}")
+        print(f"Vim with the fused numba kernels / DeiT: {_ratios(h['numba_over_deit'])}")
     print(f"reference path / fast path: {_ratios(h['ref_over_fast'])}")
     print(f"fp32 / dynamic-int8: {_ratios(h['fp32_over_int8'])}")
     ops = report["dispatched_ops"]
@@ -424,13 +491,22 @@ def print_table(report):
         rss = report["peak_rss_mb"]
         numba = ""
         if "infer_rpi_fp32_numba" in rss:
-            numba = f", infer_rpi fp32 numba kernel {rss['infer_rpi_fp32_numba']:.0f}"
+            numba = f", infer_rpi fp32 numba kernels {rss['infer_rpi_fp32_numba']:.0f}"
         print(f"peak RSS MB: import torch only {rss['import_torch']:.0f}, infer_rpi fp32 {rss['infer_rpi_fp32']:.0f}, "
               f"infer_rpi dynamic-int8 {rss['infer_rpi_int8']:.0f}{numba}")
         faults = report["page_faults_per_forward"]
         tuned = "not applied" if faults["tuned"] is None else f"{faults['tuned']:.0f}"
         print(f"minor page faults per forward (1 thread): default malloc {faults['default']:.0f}, "
               f"after runtime.tune_malloc() {tuned}")
+        wall = report["infer_rpi_wall"]
+        numba = wall.get("infer_rpi_fp32_numba")
+        print("fresh infer_rpi.py on one image, wall time (median of "
+              f"{wall['infer_rpi_fp32']['runs']}): torch kernel {wall['infer_rpi_fp32']['median_ms']:.0f} ms"
+              + (f", numba {numba['median_ms']:.0f} ms" if numba else ""))
+        for kernel, c in report["cold_start"].items():
+            print(f"cold start, {kernel}, {c['threads']} threads: first forward {c['first_ms']:.1f} ms, warm "
+                  f"{c['warm_ms']:.1f} ms, {c['first_over_warm']:.2f}x (load-time preparation before it "
+                  f"{c['load_ms']:.0f} ms)")
 
 
 def main(argv=None):
@@ -439,6 +515,9 @@ def main(argv=None):
     check_args(parser, args)
     if args.fault_probe:
         fault_probe(args)
+        return 0
+    if args.cold_probe:
+        cold_probe(args)
         return 0
     report = run(args)
     if args.json:

@@ -210,6 +210,8 @@ write_wrapper() {
         printf 'export VIM_ARM64_PYTHON=%q VIM_ARM64_PROFILE=%q\n' "$wrapper" "$name"
         printf 'export PYTHONPATH=%q${PYTHONPATH:+:$PYTHONPATH}\n' "$pythonpath"
         echo 'export PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1'
+        # numba's compiled kernels for this profile's CPU, shared by its guest processes
+        printf 'export NUMBA_CACHE_DIR=%q\n' "$root/../numba-cache"
         printf 'exec %q %q "$@"\n' "$(command -v "$QEMU")" "$sysroot/$GUEST_PYTHON"
     } >"$wrapper"
     chmod +x "$wrapper"

@@ -349,7 +349,7 @@ def test_explicit_numba_that_cannot_run_raises(clean, monkeypatch):
         with pytest.raises(RuntimeError, match="CPU"):
             backends.resolve("selective_scan", fake_cuda(x))
         assert causal_conv1d.which_backend(x) == "torch"  # no numba conv kernel: the torch one is part of the path
-        monkeypatch.setattr(backends, "_numba_error", ["numba failed to import: OSError: boom"])
+        monkeypatch.setattr(backends, "_numba_errors", {"mixer": "numba failed to import: OSError: boom"})
         with pytest.raises(RuntimeError, match="boom"):
             mamba_ssm.which_backend(x)
     monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")  # named by the variable: must run, too

@@ -424,3 +424,16 @@ def test_block_with_a_layer_norm_without_affine_parameters(fused_add_norm):
         out, residual = block(h2, h1)
         want = block.mixer(F.layer_norm((h1.double() + h2.double()), (D_MODEL,), eps=1e-5).float())
     assert rel_err(residual, h1.double() + h2.double()) <= 1e-7 and rel_err(out, want) <= 1e-4
+
+
+def test_build_inference_constants_fills_the_cache_the_forward_uses():
+    from mamba_ssm.modules.mamba_simple import build_inference_constants
+
+    block = nn.Sequential(make_mixer("v2", if_divide_out=True), make_mixer("none", seed=1)).eval()
+    build_inference_constants(block)
+    assert block[0]._constants is not None and block[1]._constants is None
+    built = block[0]._constants[1]
+    h = hidden_states()
+    with torch.no_grad():  # (eval_forward's eval() would drop the cache)
+        assert rel_err(block[0](h), mixer_oracle(params64(block[0]), h, "v2", True)) <= 1e-4
+    assert block[0]._constants[1] is built  # reused, not rebuilt

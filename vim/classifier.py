@@ -18,6 +18,7 @@ import time
 import torch
 
 from causal_conv1d import backends
+from mamba_ssm.modules.mamba_simple import build_inference_constants
 from vim_rpi import factory, image_preprocess, imagenet_labels, quantization, registry, runtime
 from vim_rpi.errors import ConfigError
 
@@ -83,6 +84,7 @@ class Classifier:
         net, info = factory.load_model(checkpoint, model, ema=ema, trust_pickle=trust_checkpoint,
                                        input_size=input_size, progress=progress)
         self.model = quantization.quantize_model(net, quantize).to(self.device)
+        build_inference_constants(self.model)  # now, not in the first forward
         self.load_ms = _ms_since(start)
         self.model_name, self.checkpoint = info["model"], info["checkpoint"]
         self.num_classes, self.input_size = info["num_classes"], info["input_size"]

@@ -52,8 +52,8 @@ _TRUE_VALUES = ("true", "1", "yes")
 _local = threading.local()  # the use_backend override, per thread
 _failed_imports = set()  # extensions whose import raised once: not retried
 _warned = set()  # one-time warnings already given
-_numba_loader = None  # set by mamba_ssm: loads its numba kernels, returns None or why it cannot
-_numba_error = []  # the loader's result, once it ran: [None] or [reason]
+_numba_loader = None  # set by mamba_ssm: loader(kernels) loads a set of numba kernels, returns None or why not
+_numba_errors = {}  # kernel set -> the loader's answer, once it ran
 
 
 def env_flag(name):
@@ -107,22 +107,24 @@ def cpu_scan_setting():
 
 
 def set_numba_loader(loader):
-    """Register the function that loads the numba kernels (mamba_ssm does, at import): it returns
-    None when they load, else a one-line reason. It runs at the first call that wants numba."""
+    """Register the function that loads a set of numba kernels (mamba_ssm does, at import):
+    loader(kernels) returns None when they load, else a one-line reason. It runs at the first
+    call that wants that set. The sets: "mixer" (Vim's fused v2 mixer and add + RMSNorm, loaded
+    as machine code without importing numba) and "scan" (the selective scan, which imports numba)."""
     global _numba_loader
     _numba_loader = loader
 
 
-def numba_error():
-    """None when the numba kernels can run here, else why not (not installed, import or compile
-    failure). Loads them on first use; the answer is kept for the process."""
+def numba_error(kernels="mixer"):
+    """None when the numba kernel set `kernels` can run here, else why not (not installed, import
+    or compile failure). Loads it on first use; the answer is kept for the process."""
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed (pip install numba)"
     if _numba_loader is None:
         return "no numba kernels are registered (import mamba_ssm)"
-    if not _numba_error:
-        _numba_error.append(_numba_loader())
-    return _numba_error[0]
+    if kernels not in _numba_errors:
+        _numba_errors[kernels] = _numba_loader(kernels)
+    return _numba_errors[kernels]
 
 
 def _warn_once(key, message):
@@ -131,11 +133,12 @@ def _warn_once(key, message):
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve(family, x, *, needs_grad=False, numba_unsupported=None):
+def resolve(family, x, *, needs_grad=False, numba_unsupported=None, numba_kernels="mixer"):
     """The backend a call of `family` on tensor `x` runs on now: "ref", "torch", "numba" or "cuda".
 
     needs_grad: the call must record autograd (the numba kernels cannot).
     numba_unsupported: why the numba kernel cannot take this call's shapes/dtypes, or None.
+    numba_kernels: the numba kernel set the call would use ("mixer" or "scan", see set_numba_loader).
     Raises RuntimeError when an explicit choice cannot run the call, ValueError for a bad
     SELECTIVE_SCAN_CPU_BACKEND value.
     """
@@ -145,7 +148,7 @@ def resolve(family, x, *, needs_grad=False, numba_unsupported=None):
     if name == "cuda":
         return _explicit_cuda(family, x)
     if name == "numba":
-        return _explicit_numba(family, x, needs_grad, numba_unsupported)
+        return _explicit_numba(family, x, needs_grad, numba_unsupported, numba_kernels)
     force_env, module = FAMILIES[family]
     if x.is_cuda:
         if env_flag(force_env):
@@ -164,12 +167,13 @@ def resolve(family, x, *, needs_grad=False, numba_unsupported=None):
     if needs_grad or numba_unsupported:
         return "torch"  # the variable picks the kernel of the inference calls numba can take
     if setting == "numba":  # asked for by name: numba must be able to run
-        return _explicit_numba(family, x, needs_grad, numba_unsupported, via=f"{CPU_BACKEND_ENV}=numba")
+        return _explicit_numba(family, x, needs_grad, numba_unsupported, numba_kernels,
+                               via=f"{CPU_BACKEND_ENV}=numba")
     if importlib.util.find_spec("numba") is None:
         return "torch"
-    error = numba_error()
+    error = numba_error(numba_kernels)
     if error is not None:
-        _warn_once("numba", f"numba kernels unavailable ({error}); running the pure-PyTorch kernels")
+        _warn_once(numba_kernels, f"numba kernels unavailable ({error}); running the pure-PyTorch kernels")
         return "torch"
     return "numba"
 
@@ -184,7 +188,7 @@ def _explicit_cuda(family, x):
     return "cuda"
 
 
-def _explicit_numba(family, x, needs_grad, numba_unsupported, via="backend 'numba'"):
+def _explicit_numba(family, x, needs_grad, numba_unsupported, numba_kernels, via="backend 'numba'"):
     if family != "selective_scan":
         return "torch"  # no numba kernel for this op: its torch kernel is part of the numba path
     if x.is_cuda or x.device.type != "cpu":
@@ -194,14 +198,15 @@ def _explicit_numba(family, x, needs_grad, numba_unsupported, via="backend 'numb
                            f"'torch' or 'auto' for training, or run under torch.no_grad().")
     if numba_unsupported:
         raise RuntimeError(f"{via} cannot run this call: {numba_unsupported}; use backend 'torch' or 'auto'.")
-    error = numba_error()
+    error = numba_error(numba_kernels)
     if error is not None:
         raise RuntimeError(f"{via}: {error}; use backend 'torch' or 'auto'.")
     return "numba"
 
 
 def backend_report(x):
-    """What calls on tensor `x` would use now, for logs and CLI reports."""
+    """What calls on tensor `x` would use now, for logs and CLI reports ("selective_scan": what a
+    Vim mixer runs on)."""
     report = {"backend": current_backend()}
     for family in FAMILIES:
         try:

@@ -3,8 +3,8 @@
 The child is started through sys.executable, which the harness points at its qemu wrapper;
 run by scripts/ci_arm64.sh.
 """
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,17 +43,19 @@ def image(tmp_path_factory):
     return path
 
 
-def test_infer_rpi_reports_what_the_model_computes(checkpoint, image, tmp_path):
+@pytest.mark.parametrize("kernel", ["torch", "numba"])  # numba: the fused kernels of each v2 mixer
+def test_infer_rpi_reports_what_the_model_computes(checkpoint, image, tmp_path, kernel):
     missing = tmp_path / "missing.jpg"
     cmd = [sys.executable, str(INFER), "--json", "-q", "-m", MODEL, "-c", str(checkpoint), "-k", "5",
            "-t", "2", str(image), str(missing)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "SELECTIVE_SCAN_CPU_BACKEND": kernel}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == EXIT_IMAGE, proc.stderr
     report = json.loads(proc.stdout)
     good, bad = report["results"]
     assert "topk" not in bad and str(missing) in bad["error"]
     assert report["torch"] == torch.__version__
-    assert report["backend"]["selective_scan"] == ("numba" if importlib.util.find_spec("numba") else "torch")
+    assert report["backend"]["selective_scan"] == kernel
 
     model, info = factory.load_model(checkpoint, MODEL)
     assert info["input_size"] == 112

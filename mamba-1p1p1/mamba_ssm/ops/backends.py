@@ -12,24 +12,29 @@ from causal_conv1d.backends import backend_report, use_backend
 __all__ = ["which_backend", "use_backend", "backend_report", "resolve_scan"]
 
 
-def resolve_scan(x, *, needs_grad=False, numba_unsupported=None):
+def resolve_scan(x, *, needs_grad=False, numba_unsupported=None, numba_kernels="mixer"):
     """`backends.resolve` for the selective-scan family (see there)."""
-    return backends.resolve("selective_scan", x, needs_grad=needs_grad, numba_unsupported=numba_unsupported)
+    return backends.resolve("selective_scan", x, needs_grad=needs_grad, numba_unsupported=numba_unsupported,
+                            numba_kernels=numba_kernels)
 
 
 def which_backend(x):
-    """Name of the backend ("ref", "torch", "numba" or "cuda") a selective-scan inference call on
+    """Name of the backend ("ref", "torch", "numba" or "cuda") a Vim mixer's inference call on
     `x` would use now."""
     return resolve_scan(x)
 
 
-def _load_numba_kernels():
-    """None when the numba kernels import and compile here, else a one-line reason."""
+def _load_numba_kernels(kernels):
+    """None when the numba kernel set `kernels` ("mixer" or "scan") loads here, else a one-line
+    reason. The mixer's kernels load as machine code without importing numba (fast start-up)."""
     try:
-        from mamba_ssm.ops import selective_scan_numba
+        if kernels == "mixer":
+            from mamba_ssm.ops import bimamba_v2_numba as module
+        else:
+            from mamba_ssm.ops import selective_scan_numba as module
     except Exception as error:  # a broken numba or llvmlite fails in many ways
         return f"numba failed to import: {type(error).__name__}: {error}".splitlines()[0]
-    return selective_scan_numba.load_error()
+    return module.load_error()
 
 
 backends.set_numba_loader(_load_numba_kernels)

@@ -10,13 +10,13 @@ projections, the scan's per-step update) runs once for both. The gate is applied
 the sum: flip(y_b * silu(flip(z))) = flip(y_b) * silu(z).
 
 Layout: channel-last (2, b, l, d) up to the projections, as in_proj produces it; the scan
-(a `scan_state_nd` kernel: torch or numba) takes time-major views (l, 2, b, ...), stores its
+(`selective_scan_fast.scan_state_nd`) takes time-major views (l, 2, b, ...), stores its
 state (n, d) and adds the D skip. Every op dispatched costs several microseconds on a Pi, so
 the code avoids no-op conversions and extra views.
 
 `bimamba_v2_fn` chooses per call (`causal_conv1d.backends`, family "selective_scan"): the
-stacked path on "torch" and "numba", upstream's composition of one-direction inner functions
-on "ref" and "cuda".
+stacked path on "torch", the fused kernels of `bimamba_v2_numba` on "numba", upstream's
+composition of one-direction inner functions on "ref" and "cuda".
 """
 
 import torch
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from causal_conv1d.causal_conv1d_interface import conv_taps
 from mamba_ssm.ops.backends import resolve_scan
 from mamba_ssm.ops.selective_scan_fast import scan_state_nd
-from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn_no_out_proj, numba_scan_state_nd
+from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn_no_out_proj
 
 
 def _as(t, dtype):
@@ -40,19 +40,24 @@ def bimamba_v2_fn(xz, stacked, directions, dt_rank, if_divide_out, needs_grad):
     """Both directions of a v2 mixer, before out_proj: xz (b, l, 2d) -> y (b, l, d).
 
     stacked: callable returning the stacked constants (conv_weight, conv_bias, x_proj, dt_proj,
-        A, D as `bimamba_v2_fast` takes them), built only when a stacked path runs;
+        A, D as `bimamba_v2_fast` takes them, and `fused`: the layouts `bimamba_v2_numba` takes),
+        built only when a stacked path runs;
     directions: callable returning ((args, kwargs) forward, (args, kwargs) backward) for
         `mamba_inner_fn_no_out_proj`, built only when the composition runs;
     needs_grad: autograd must see the computation (the numba kernels cannot run then).
     """
-    d = xz.shape[-1] // 2
-    unsupported = None if d % 32 == 0 else f"{d} channels (a multiple of 32 needed)"
+    unsupported = None if xz.dtype == torch.float32 else f"dtype {xz.dtype} (float32 only)"
     backend = resolve_scan(xz, needs_grad=needs_grad, numba_unsupported=unsupported)
-    if backend in ("torch", "numba"):
+    if backend == "numba":
+        from mamba_ssm.ops import bimamba_v2_numba  # loaded by the backend module already
+
         c = stacked()
-        scan = numba_scan_state_nd if backend == "numba" else scan_state_nd
-        return bimamba_v2_fast(xz, c.conv_weight, c.conv_bias, c.x_proj, c.dt_proj, c.A, c.D, dt_rank,
-                               if_divide_out, scan=scan)
+        f = c.fused
+        return bimamba_v2_numba.bimamba_v2_numba(xz, f.conv_weight, f.conv_bias, c.x_proj, f.dt_weight, f.dt_bias,
+                                                 f.A, f.D, if_divide_out)
+    if backend == "torch":
+        c = stacked()
+        return bimamba_v2_fast(xz, c.conv_weight, c.conv_bias, c.x_proj, c.dt_proj, c.A, c.D, dt_rank, if_divide_out)
     (args, kwargs), (args_b, kwargs_b) = directions()
     xz_t = xz.transpose(1, 2)  # (b, 2d, l)
     y = mamba_inner_fn_no_out_proj(xz_t, *args, **kwargs)
@@ -60,7 +65,7 @@ def bimamba_v2_fn(xz, stacked, directions, dt_rank, if_divide_out, needs_grad):
     return (y / 2 if if_divide_out else y).transpose(1, 2)
 
 
-def bimamba_v2_fast(xz, conv_weight, conv_bias, x_proj, dt_proj, A, D, dt_rank, if_divide_out, scan=scan_state_nd):
+def bimamba_v2_fast(xz, conv_weight, conv_bias, x_proj, dt_proj, A, D, dt_rank, if_divide_out):
     """Both directions of a v2 mixer, before out_proj, stacked.
 
     xz: (b, l, 2d) = [x, z] on the last dim
@@ -69,7 +74,6 @@ def bimamba_v2_fast(xz, conv_weight, conv_bias, x_proj, dt_proj, A, D, dt_rank, 
     x_proj: callable (2, b, l, d) -> (2, b, l, r + 2n)
     dt_proj: callable (2, b, l, r) -> (2, b, l, d), bias included (it is upstream's delta_bias)
     A: (2, 1, d, n) (already -exp(A_log); fastest stored as (2, 1, n, d)); D: (2, 1, d)
-    scan: the `scan_state_nd` kernel (torch's or numba's).
     Returns y: (b, l, d) in xz's dtype.
     """
     dtype = torch.promote_types(xz.dtype, A.dtype)  # float32 A (as upstream) with float64 xz: float64
@@ -81,7 +85,7 @@ def bimamba_v2_fast(xz, conv_weight, conv_bias, x_proj, dt_proj, A, D, dt_rank, 
     dt_in, B, C = x_proj(xc).split([dt_rank, n, n], dim=-1)  # (2, b, l, r), (2, b, l, n) x 2
     dt = F.softplus(_as(dt_proj(dt_in), dtype))  # (2, b, l, d)
     u = _as(xc, dtype)
-    y, _ = scan(_time_major(dt), _time_major(u), A.transpose(-1, -2), _as(_time_major(B), dtype),
+    y, _ = scan_state_nd(_time_major(dt), _time_major(u), A.transpose(-1, -2), _as(_time_major(B), dtype),
                          _as(_time_major(C), dtype), D)  # (l, 2, b, d), D skip included
     y_f, y_b = y.unbind(1)  # (l, b, d) each
     gate = F.silu(_as(z, dtype))  # (b, l, d)

@@ -297,7 +297,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    backend = resolve_scan(u, needs_grad=needs_grad, numba_unsupported=_numba_unsupported(u, A, B, C))
+    backend = resolve_scan(u, needs_grad=needs_grad, numba_unsupported=_numba_unsupported(u, A, B, C),
+                           numba_kernels="scan")
     return _SCAN_IMPLS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 

@@ -11,12 +11,8 @@ pass, keeping each work item's state (n x 32 values) in L1:
 so nothing of size l * d * n is ever written to memory (the pure-PyTorch path makes five passes
 over such buffers), and a whole scan is one parallel region instead of hundreds of small ops.
 
-float32 exp(dt A) is computed as 2^(dt A log2 e): 2^k from the exponent bits times a degree-6
-polynomial for 2^r, |r| <= 1/2 (Cephes' exp2f coefficients, about 1 ulp), written so that LLVM
-vectorizes it: numba has no vector math library on these machines and a `math.exp` call keeps
-the loop scalar. Results below 2^-125 are rounded to 0 or 2^-125 instead of a subnormal (an
-absolute difference below 2.4e-38); overflow gives inf and NaN stays NaN, as with torch.exp.
-float64 uses math.exp.
+exp(dt A) is computed as 2^(dt A log2 e) with `numba_math.exp2`, which LLVM vectorizes (float32;
+float64 uses math.exp).
 
 Compiled code is cached on disk (numba's cache=True: in __pycache__ next to this file, or the
 user's cache directory when that is not writable), so only the first run on a machine compiles
@@ -29,49 +25,10 @@ import math
 import numba
 import numpy as np
 import torch
-from numba.core import types
-from numba.extending import intrinsic, overload
+
+from mamba_ssm.ops.numba_math import LOG2E, exp2
 
 BLOCK = 32  # channels per work item: several independent vectors per step keep the FMA units busy
-LOG2E = 1.4426950408889634
-
-
-@intrinsic
-def _int_bits_as_float32(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
-
-    return types.float32(types.int32), codegen
-
-
-def _exp2(x):
-    return 2.0 ** x
-
-
-@overload(_exp2, inline="always")
-def _exp2_overload(x):
-    if x != types.float32:
-        return lambda x: math.exp(x * 0.6931471805599453)
-
-    def exp2f(x):
-        x0 = x
-        x = min(max(x, np.float32(-125.0)), np.float32(128.0))
-        k = np.floor(x + np.float32(0.5))  # 2^x = 2^(k-1) * 2^(r+1), r in [-1/2, 1/2]
-        r = x - k
-        # 2 * 2^r: Cephes' coefficients doubled (exactly), so that 2^(k-1) is a normal float32
-        # for every k in [-125, 128] and results up to float32's maximum come out finite
-        p = np.float32(3.070672376639000e-4)
-        p = p * r + np.float32(2.679774880533148e-3)
-        p = p * r + np.float32(1.923687471534928e-2)
-        p = p * r + np.float32(1.110066494232562e-1)
-        p = p * r + np.float32(4.804529582726024e-1)
-        p = p * r + np.float32(1.386294405710084)
-        p = p * r + np.float32(2.0)
-        scale = _int_bits_as_float32((np.int32(k) + np.int32(126)) << np.int32(23))  # 2^(k-1)
-        out = p * scale if x0 > np.float32(-126.0) else np.float32(0.0)  # past float32's range: inf
-        return out if x0 == x0 else x0  # NaN (a diverged A or dt) must show, as in torch.exp
-
-    return exp2f
 
 
 @numba.njit(parallel=True, cache=True, fastmath={"contract"}, error_model="numpy", boundscheck=False)
@@ -107,7 +64,7 @@ def _scan(dt, x, At, B, C, D, h0, y, h_last):
             for i in range(n):
                 b, c = B[k, t, i], C[k, t, i]
                 for j in range(BLOCK):
-                    state = _exp2(step[j] * A[i, j]) * h[i, j] + dtx[j] * b
+                    state = exp2(step[j] * A[i, j]) * h[i, j] + dtx[j] * b
                     h[i, j] = state
                     acc[j] += state * c
             for j in range(BLOCK):

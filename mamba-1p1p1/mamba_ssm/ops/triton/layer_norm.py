@@ -6,6 +6,10 @@
 Statistics are computed in float32 (float64 stays float64); `out` has x's dtype. With prenorm
 the sum s is returned too (as the next residual): in the incoming residual's dtype, or for
 the first block in float32 when residual_in_fp32 (else x's dtype).
+
+`rms_norm_fn` chooses per call (`causal_conv1d.backends`, family "selective_scan"): on "numba"
+the fused add + RMSNorm kernel of `bimamba_v2_numba` (inference, float32, with a weight and no
+bias), else the formula below.
 """
 
 import torch
@@ -13,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from causal_conv1d.arg_checks import check_floating, shape_error
+from mamba_ssm.ops.backends import resolve_scan
 
 
 def _check_norm_args(x, weight, bias, residual):
@@ -39,9 +44,24 @@ def _finish(out, s, x, prenorm, residual_dtype):
     return (out, s.to(residual_dtype)) if prenorm else out
 
 
+def _numba_unsupported(x, weight, bias, residual):
+    """Why the numba add + RMSNorm kernel cannot take this call, or None."""
+    if weight is None or bias is not None:
+        return "an RMSNorm without a weight or with a bias"
+    if any(t.dtype != torch.float32 for t in (x, weight, residual) if t is not None):
+        return "dtypes other than float32"
+    return None
+
+
 def rms_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False):
     """x, residual: (..., hidden); weight, bias: (hidden,) or None. See the module docstring."""
     _check_norm_args(x, weight, bias, residual)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    if resolve_scan(x, needs_grad=needs_grad, numba_unsupported=_numba_unsupported(x, weight, bias, residual)) == "numba":
+        from mamba_ssm.ops import bimamba_v2_numba  # loaded by the backend module already
+
+        out, s = bimamba_v2_numba.add_rms_norm(x, residual, weight, eps)
+        return (out, s) if prenorm else out
     s, residual_dtype = _add_residual(x, residual, residual_in_fp32)
     out = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
