@@ -107,7 +107,7 @@ def test_options_that_cannot_work_fail_before_loading(checkpoint, kwargs, messag
 
 
 def test_unavailable_numba_backend_is_a_config_error(checkpoint, monkeypatch):
-    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(backends, "numba_installed", lambda: False)
     with pytest.raises(ConfigError, match="numba is not installed"):
         Classifier(checkpoint, backend="numba")
 
@@ -121,3 +121,15 @@ def test_checkpoint_errors_and_backend_is_applied(checkpoint, tmp_path, photo):
     got, want = fast.classify(photo[0], topk=10), ref.classify(photo[0], topk=10)
     np.testing.assert_allclose([e["prob"] for e in got.topk], [e["prob"] for e in want.topk], rtol=1e-4)
     assert backends.current_backend() == "auto"  # the choice applies inside the forwards only
+
+
+def test_a_head_smaller_than_five_classes_works_with_the_defaults(tmp_path):
+    """A fine-tuned 3-class checkpoint: warm-up and the default top-k adapt to the head."""
+    torch.manual_seed(0)
+    model = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64, num_classes=3)
+    checkpoint_io.save_checkpoint(tmp_path / "three.pth", model)
+    clf = Classifier(tmp_path / "three.pth")  # warms up
+    assert [e["label"] for e in clf.classify(np.zeros((8, 8, 3), np.uint8)).topk] != []
+    assert len(clf.classify(np.zeros((8, 8, 3), np.uint8)).topk) == 3
+    with pytest.raises(ConfigError, match="at most the model's 3 classes"):
+        clf.classify(np.zeros((8, 8, 3), np.uint8), topk=5)

@@ -32,7 +32,6 @@ import time
 import torch
 
 from vim_rpi.classifier import Prediction
-from vim_rpi.errors import ImageError
 
 __all__ = ["Batcher", "QueueFull", "NotReady", "ShuttingDown"]
 
@@ -118,8 +117,9 @@ class Batcher:
             if self._waiting >= self.queue_size:
                 raise QueueFull(f"{self._waiting} requests are already waiting")
             self._waiting += 1
-        job = _Job(data, topk, concurrent.futures.Future(), time.perf_counter())
-        self._decoder.submit(self._preprocess, job)
+            job = _Job(data, topk, concurrent.futures.Future(), time.perf_counter())
+            # under the lock: close() cannot shut the decoder down between the checks and this
+            self._decoder.submit(self._preprocess, job)
         return job.future
 
     def close(self, grace_s=10.0):
@@ -146,7 +146,7 @@ class Batcher:
         start = time.perf_counter()
         try:
             job.tensor = self.classifier.preprocess(job.data)
-        except ImageError as error:
+        except Exception as error:  # ImageError, or anything unforeseen: the request fails, its slot frees
             self._release(1)
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)

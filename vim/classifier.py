@@ -99,7 +99,7 @@ class Classifier:
     def warmup(self):
         """One forward on a blank image: the first call pays one-time costs (allocations, kernel
         compilation or cache loading)."""
-        self.predict(torch.zeros(1, 3, self.input_size, self.input_size))
+        self.logits(torch.zeros(1, 3, self.input_size, self.input_size))
 
     def preprocess(self, image):
         """A path, encoded bytes, PIL image or RGB uint8 array (H, W, 3) -> float32 (3, S, S)."""
@@ -108,7 +108,10 @@ class Classifier:
                                                  crop_pct=cfg["crop_pct"], mean=cfg["mean"], std=cfg["std"])
 
     def check_topk(self, k):
-        """`k` if it is a valid top-k for this model, else a ConfigError."""
+        """`k` if it is a valid top-k for this model (None: 5, or every class of a smaller head),
+        else a ConfigError."""
+        if k is None:
+            return min(5, self.num_classes)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"--topk must be an integer >= 1, got {k!r}")
         if k > self.num_classes:
@@ -120,7 +123,7 @@ class Classifier:
         with torch.inference_mode(), backends.use_backend(self.backend):
             return self.model(batch.to(self.device)).float().cpu()
 
-    def predict(self, batch, topk=5):
+    def predict(self, batch, topk=None):
         """Top-k of a preprocessed batch (B, 3, S, S) in one forward.
         Returns ([[{"index", "label", "prob"}] * topk] * B, inference_ms)."""
         k = self.check_topk(topk)
@@ -132,7 +135,7 @@ class Classifier:
                    for values, indices in zip(top.values.tolist(), top.indices.tolist())]
         return results, inference_ms
 
-    def classify_batch(self, images, topk=5):
+    def classify_batch(self, images, topk=None):
         """Preprocess each image and classify them all in one forward: a list of Prediction.
         Raises ImageError for the first image that cannot be used."""
         self.check_topk(topk)
@@ -147,7 +150,7 @@ class Classifier:
         return [Prediction(topk=r, timing_ms={"preprocess": p, "inference": inference_ms})
                 for r, p in zip(results, preprocess_ms)]
 
-    def classify(self, image, topk=5):
+    def classify(self, image, topk=None):
         """The Prediction for one image (see `classify_batch`)."""
         return self.classify_batch([image], topk)[0]
 
@@ -178,16 +181,8 @@ def _check_options(model, threads, quantize, input_size, backend, device):
         raise ConfigError(f"--quantize must be one of {', '.join(quantization.QUANTIZE_MODES)}, got {quantize!r}")
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 16):
         raise ConfigError(f"--input-size must be an integer >= 16 pixels, got {input_size!r}")
-    if backend not in backends.BACKENDS:
-        raise ConfigError(f"--backend: unknown backend {backend!r}; valid backends: {', '.join(backends.BACKENDS)}")
     device = runtime.check_device(device)
     if device.type == "cuda" and quantize != "none":
         raise ConfigError("--quantize dynamic-int8 runs on the CPU only; drop it or use --device cpu")
-    probe = torch.empty(0, device=device)
-    try:
-        with backends.use_backend(backend):
-            for family in backends.FAMILIES:
-                backends.resolve(family, probe)
-    except (RuntimeError, ValueError) as error:
-        raise ConfigError(str(error)) from None
+    runtime.check_backend(backend, device)
     return device

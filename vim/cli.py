@@ -43,7 +43,7 @@ environment:
   VIM_RPI_CACHE                  cache of checkpoint URLs (and of weights earlier versions fetched) [~/.cache/vim-rpi]
   CAUSAL_CONV1D_FORCE_FALLBACK   TRUE: never upstream's CUDA conv kernels under --backend auto
   SELECTIVE_SCAN_FORCE_FALLBACK  TRUE: never upstream's CUDA scan kernels under --backend auto
-  SELECTIVE_SCAN_CPU_BACKEND     CPU scan kernel under --backend auto: auto, torch or numba [auto]
+  SELECTIVE_SCAN_CPU_BACKEND     CPU inference kernels under --backend auto: auto, torch or numba [auto]
 """
 
 

@@ -38,6 +38,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from vim_rpi import registry
 from vim_rpi.errors import DownloadError
 from vim_rpi.progress import progress_bar
 
@@ -51,6 +52,9 @@ _TIMEOUT_S = 30.0  # per connect / per read, not for the whole file: a slow Pi l
 _CHUNK_BYTES = 1 << 20
 _ATTEMPTS = 5  # connections per URL download: the first, then resumptions after a cut
 _RETRY_WAIT_S = 1.0  # pause before resuming: most cuts are transient
+# (repository, file) of each released checkpoint, from the registry's pretrained cfgs
+RELEASED_FILES = {(cfg["hf_hub_id"], cfg["hf_hub_filename"])
+                  for cfg in map(registry.pretrained_cfg, registry.list_models()) if cfg["hf_hub_filename"]}
 
 
 def default_cache_dir() -> Path:
@@ -112,8 +116,10 @@ def _parse_hub_reference(spec: str):
 # ---------------------------------------------------------------- the Hugging Face Hub
 
 def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) -> Path:
+    # Only the released files were ever cached under their bare names by earlier versions: a file
+    # of another repository with the same name must not be taken for them.
     legacy = default_cache_dir() / os.path.basename(filename)
-    if legacy.is_file():
+    if (repo_id, filename) in RELEASED_FILES and legacy.is_file():
         if not refetch:
             return legacy
         legacy.unlink()  # damaged: a fresh copy goes to the Hub cache like every new download

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image file (older spelling of IMAGE; repeatable)")
     cli.add_model_arguments(parser)
-    parser.add_argument("-k", "--topk", type=int, default=5, metavar="K",
-                        help="number of classes to show per image [%(default)s]")
+    parser.add_argument("-k", "--topk", type=int, metavar="K",
+                        help="number of classes to show per image [5, or every class of a smaller head]")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="after warm-up, run the first image's forward N more times and "
@@ -120,7 +120,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--max-frames must be >= 1, got {args.max_frames}")
     if not args.every_s >= 0:
         parser.error(f"--every-s must be >= 0, got {args.every_s}")
-    if args.topk < 1:
+    if args.topk is not None and args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
     if args.benchmark < 0:
         parser.error(f"--benchmark must be >= 0, got {args.benchmark}")

@@ -486,8 +486,10 @@ def main(argv=None) -> int:
         if args.eval:
             report = evaluate_checkpoint(args)
         else:
+            device = runtime.check_device(args.device)
+            runtime.check_backend(args.backend, device)
             with use_backend(args.backend):
-                report = train(args, runtime.check_device(args.device))
+                report = train(args, device)
         if rank == 0:
             print(json.dumps(report, indent=2) if args.json else format_report(report))
         return cli.EXIT_OK

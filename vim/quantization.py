@@ -10,6 +10,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from vim_rpi.errors import ConfigError
+
 QUANTIZE_MODES = ("none", "dynamic-int8")
 
 
@@ -21,7 +23,7 @@ def quantize_model(model, mode):
         return model
     engines = torch.backends.quantized.supported_engines
     if not any(e != "none" for e in engines):
-        raise RuntimeError("this PyTorch build has no quantized CPU engine; run with --quantize none")
+        raise ConfigError("this PyTorch build has no quantized CPU engine; run with --quantize none")
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():

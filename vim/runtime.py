@@ -12,9 +12,10 @@ import sys
 
 import torch
 
+from causal_conv1d import backends
 from vim_rpi.errors import ConfigError
 
-__all__ = ["set_threads", "tune_malloc", "peak_rss_mb", "check_device"]
+__all__ = ["set_threads", "tune_malloc", "peak_rss_mb", "check_device", "check_backend"]
 
 _log = logging.getLogger(__name__)
 
@@ -94,3 +95,18 @@ def check_device(name) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available here (CPU-only torch or no GPU); use --device cpu")
     return device
+
+
+def check_backend(backend, device) -> None:
+    """A ConfigError unless kernel backend `backend` can run on `device` here (an unknown name, an
+    unavailable extension or numba, a CUDA backend for CPU tensors, a bad
+    SELECTIVE_SCAN_CPU_BACKEND). Loads the numba kernels when they will be used."""
+    if backend not in backends.BACKENDS:
+        raise ConfigError(f"--backend: unknown backend {backend!r}; valid backends: {', '.join(backends.BACKENDS)}")
+    probe = torch.empty(0, device=device)
+    try:
+        with backends.use_backend(backend):
+            for family in backends.FAMILIES:
+                backends.resolve(family, probe)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(str(error)) from None

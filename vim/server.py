@@ -315,12 +315,13 @@ def create_app(settings: Settings) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 
     @v1.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
-    async def classify(request: Request, topk: int = Query(5, description="how many classes to return")):
+    async def classify(request: Request, topk: Optional[int] = Query(
+            None, description="how many classes to return [5, or every class of a smaller head]")):
         """Classify one image: the raw request body, or the multipart form field "image"."""
         nonlocal uploading
         clf = classifier()
         try:
-            clf.check_topk(topk)
+            topk = clf.check_topk(topk)
         except ConfigError as error:
             raise ApiError(422, str(error).replace("--topk", "topk")) from None
         # Uploads in progress count against the queue too, so memory stays below queue x upload limit;

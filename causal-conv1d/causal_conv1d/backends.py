@@ -28,9 +28,11 @@ it never falls back silently.
 This module is the only place that reads the environment, on every call:
   CAUSAL_CONV1D_FORCE_FALLBACK, SELECTIVE_SCAN_FORCE_FALLBACK  true/1/yes (any case): never the
       family's CUDA extension under "auto";
-  SELECTIVE_SCAN_CPU_BACKEND  auto (default) | torch | numba: the CPU scan kernel under "auto".
+  SELECTIVE_SCAN_CPU_BACKEND  auto (default) | torch | numba: the CPU inference kernels (the
+      selective scan, Vim's fused mixer and add + RMSNorm) under "auto".
 """
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -115,10 +117,17 @@ def set_numba_loader(loader):
     _numba_loader = loader
 
 
+@functools.lru_cache(maxsize=None)
+def numba_installed():
+    """Whether numba can be imported (looked up once per process, without importing it: resolve
+    runs on every kernel call)."""
+    return importlib.util.find_spec("numba") is not None
+
+
 def numba_error(kernels="mixer"):
     """None when the numba kernel set `kernels` can run here, else why not (not installed, import
     or compile failure). Loads it on first use; the answer is kept for the process."""
-    if importlib.util.find_spec("numba") is None:
+    if not numba_installed():
         return "numba is not installed (pip install numba)"
     if _numba_loader is None:
         return "no numba kernels are registered (import mamba_ssm)"
@@ -169,7 +178,7 @@ def resolve(family, x, *, needs_grad=False, numba_unsupported=None, numba_kernel
     if setting == "numba":  # asked for by name: numba must be able to run
         return _explicit_numba(family, x, needs_grad, numba_unsupported, numba_kernels,
                                via=f"{CPU_BACKEND_ENV}=numba")
-    if importlib.util.find_spec("numba") is None:
+    if not numba_installed():
         return "torch"
     error = numba_error(numba_kernels)
     if error is not None:
@@ -213,7 +222,10 @@ def backend_report(x):
             report[family] = resolve(family, x)
         except (RuntimeError, ValueError) as error:
             report[family] = f"error: {error}"
-    report["cpu_scan_setting"] = os.environ.get(CPU_BACKEND_ENV, "").strip().lower() or "auto"
+    try:
+        report["cpu_scan_setting"] = cpu_scan_setting()
+    except ValueError as error:
+        report["cpu_scan_setting"] = f"error: {error}"
     for family, (_, module) in FAMILIES.items():
         report[f"{module}_importable"] = extension(family) is not None
     return report

@@ -244,13 +244,14 @@ class Mamba(nn.Module):
             conv_weight=conv_weight.unsqueeze(1).transpose(-1, -2),
             conv_bias=conv_bias,  # (2, 1, d_inner)
             x_proj=projection(self.x_proj, self.x_proj_b),
-            dt_proj=projection(self.dt_proj, self.dt_proj_b),
+            # dt_proj dense on every path (a quantized one dequantized), as the fused kernel and the
+            # composition compute it, so the backends agree on a quantized model too
+            dt_proj=_stacked_linear(stack(*dt_weights), stack(*dt_biases)),
             # (2, 1, d_inner, n), stored (n, d_inner)-contiguous: the scan works on A transposed
             A=A.unsqueeze(1).transpose(-1, -2),
             D=D.unsqueeze(1),  # (2, 1, d_inner)
             # the layouts `bimamba_v2_numba` takes: conv taps, dt_proj's rank rows and A's state rows
-            # contiguous along channels; dt_proj dense (a quantized one dequantized, its input then
-            # staying float32)
+            # contiguous along channels
             fused=SimpleNamespace(conv_weight=conv_weight,
                                   conv_bias=None if conv_bias is None else conv_bias.squeeze(1),  # (2, d_inner)
                                   dt_weight=stack(*dt_weights).transpose(1, 2).contiguous(),  # (2, r, d_inner)

@@ -46,10 +46,10 @@ def bimamba_v2_fn(xz, stacked, directions, dt_rank, if_divide_out, needs_grad):
         `mamba_inner_fn_no_out_proj`, built only when the composition runs;
     needs_grad: autograd must see the computation (the numba kernels cannot run then).
     """
-    unsupported = None if xz.dtype == torch.float32 else f"dtype {xz.dtype} (float32 only)"
+    unsupported = None if needs_grad else _fused_unsupported(xz, stacked)
     backend = resolve_scan(xz, needs_grad=needs_grad, numba_unsupported=unsupported)
     if backend == "numba":
-        from mamba_ssm.ops import bimamba_v2_numba  # loaded by the backend module already
+        from mamba_ssm.ops import bimamba_v2_numba  # its kernels were loaded by the backend module
 
         c = stacked()
         f = c.fused
@@ -63,6 +63,17 @@ def bimamba_v2_fn(xz, stacked, directions, dt_rank, if_divide_out, needs_grad):
     y = mamba_inner_fn_no_out_proj(xz_t, *args, **kwargs)
     y = y + mamba_inner_fn_no_out_proj(xz_t.flip(-1), *args_b, **kwargs_b).flip(-1)
     return (y / 2 if if_divide_out else y).transpose(1, 2)
+
+
+def _fused_unsupported(xz, stacked):
+    """Why the fused numba kernels cannot take this call, or None (see `bimamba_v2_numba.supports`:
+    they read float32 CPU memory, the activations and every constant they are given)."""
+    from mamba_ssm.ops import bimamba_v2_numba  # no numba or llvmlite at import
+
+    f = stacked().fused
+    if bimamba_v2_numba.supports(xz, f.conv_weight, f.conv_bias, f.dt_weight, f.dt_bias, f.A, f.D):
+        return None
+    return f"{xz.dtype} activations on {xz.device} or parameters of another dtype (float32 on the CPU only)"
 
 
 def bimamba_v2_fast(xz, conv_weight, conv_bias, x_proj, dt_proj, A, D, dt_rank, if_divide_out):

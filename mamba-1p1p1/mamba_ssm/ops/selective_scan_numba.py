@@ -99,7 +99,7 @@ def load_error():
 def scan_state_nd(dt, x, At, B, C, D=None, h0=None):
     """Inference scan (no autograd), same contract as `selective_scan_fast.scan_state_nd`.
 
-    dt, x: (l, *batch, d), one dtype that `supports()`;  At: broadcastable to (*batch, n, d)
+    dt, x: (l, *batch, d), one dtype `unsupported()` accepts;  At: broadcastable to (*batch, n, d)
     B, C: (l, *batch, n);  D: broadcastable to (*batch, d) or None;  h0: (*batch, n, d) or None
     Returns y (l, *batch, d) = sum_n C h + D x, a view of a batch-major tensor, and h_l (*batch, n, d).
     """
