@@ -72,13 +72,14 @@ echo "== installing the other dependencies"
 "${pip[@]}" "numpy>=1.22" "pillow>=9.1" "tqdm>=4.60" "huggingface_hub>=1.1,<3"
 [ "$EXTRAS" = 0 ] || "${pip[@]}" "timm>=0.9"
 if [ "$EXTRAS" = 1 ]; then
-  pins=()
   # apt's python3-picamera2 (and its simplejpeg) are built against the system's numpy: keep that
-  # numpy, so pip picks an OpenCV that works with it instead of installing a newer numpy over it.
+  # numpy for every install from here on, so pip picks an OpenCV (and the rest) that works with it
+  # instead of installing another numpy over it.
   if [ "$SYSTEM_SITE" = 1 ] && numpy_version=$("$VENV/bin/python" -c 'import numpy; print(numpy.__version__)' 2>/dev/null); then
-    pins=("numpy==$numpy_version")
+    echo "numpy==$numpy_version" >"$VENV/system-numpy.txt"
+    export PIP_CONSTRAINT="$VENV/system-numpy.txt"
   fi
-  "${pip[@]}" -r scripts/requirements-camera.txt "${pins[@]}"
+  "${pip[@]}" -r scripts/requirements-camera.txt
 fi
 "${pip[@]}" -e causal-conv1d -e mamba-1p1p1 -e .
 
