@@ -149,28 +149,25 @@ def benchmark(clf: Classifier, x, runs: int) -> dict:
     return {"median_ms": statistics.median(times), "p90_ms": times[math.ceil(0.9 * runs) - 1], "runs": runs}
 
 
-def classify_path(clf: Classifier, image, topk: int) -> tuple:
-    """One image file -> (result in the --json schema, its input tensor or None on failure)."""
+def classify_path(clf: Classifier, image, topk: int) -> dict:
+    """One image file -> its result in the --json schema (an "error" entry when it cannot be read)."""
     try:
-        start = time.perf_counter()
-        x = clf.preprocess(image)
-        preprocess_ms = (time.perf_counter() - start) * 1e3
+        prediction = clf.classify(image, topk)
     except ImageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return {"image": image, "error": str(e)}, None
-    (top,), inference_ms = clf.predict(x.unsqueeze(0), topk)
-    return {"image": image, "topk": top, "timing_ms": {"preprocess": preprocess_ms, "inference": inference_ms}}, x
+        return {"image": image, "error": str(e)}
+    return {"image": image, "topk": prediction.topk, "timing_ms": prediction.timing_ms}
 
 
 def classify_paths(clf: Classifier, paths, topk: int, recursive: bool):
-    """Yield (result, input tensor or None) for each image the paths name (a directory: its
-    images, sorted; one error result when it holds none)."""
+    """Yield the result of each image the paths name (a directory: its images, sorted; one error
+    result when it holds none)."""
     for path in paths:
         images = streams.image_paths(path, recursive)
         if not images:
             message = f"{path}: no image files in this directory" + ("" if recursive else " (--recursive descends)")
             print(f"error: {message}", file=sys.stderr)
-            yield {"image": path, "error": message}, None
+            yield {"image": path, "error": message}
         for image in images:
             yield classify_path(clf, image, topk)
 
@@ -179,11 +176,7 @@ def run(args) -> tuple:
     """Everything after argument checks. Returns (report dict in the --json schema, exit status)."""
     clf = load(args)
     clf.check_topk(args.topk)
-    results, first_input = [], None
-    for result, x in classify_paths(clf, args.images, args.topk, args.recursive):
-        results.append(result)
-        if first_input is None:
-            first_input = x
+    results = list(classify_paths(clf, args.images, args.topk, args.recursive))
     info = clf.info()
     report = {
         "model": info["model"],
@@ -196,8 +189,9 @@ def run(args) -> tuple:
         "timing_ms": {"load": clf.load_ms},
         "results": results,
     }
-    if args.benchmark and first_input is not None:
-        report["benchmark"] = benchmark(clf, first_input, args.benchmark)
+    classified = [r["image"] for r in results if "topk" in r]
+    if args.benchmark and classified:
+        report["benchmark"] = benchmark(clf, clf.preprocess(classified[0]), args.benchmark)
     failed = any("error" in r for r in results)
     return report, cli.EXIT_DATA if failed else cli.EXIT_OK
 
@@ -259,7 +253,7 @@ def run_paths(args) -> int:
     failed = False
     try:
         with lines:
-            for result, _ in classify_paths(clf, streams.read_paths(lines), args.topk, args.recursive):
+            for result in classify_paths(clf, streams.read_paths(lines), args.topk, args.recursive):
                 failed = failed or "error" in result
                 if args.json:
                     _emit(json.dumps(result))
