@@ -1,7 +1,7 @@
 """The errors this package raises for things a user can get wrong: each message says what was
 wrong and what to do, so front ends print it as one line (see `cli.exit_status`)."""
 
-__all__ = ["VimError", "ConfigError", "CheckpointError", "DamagedCheckpointError", "DownloadError", "ImageError",
+__all__ = ["VimError", "ConfigError", "CheckpointError", "DamagedCheckpointError", "DownloadError", "ImageError", "ImageTooLargeError",
            "DatasetError", "SampleError", "SourceError", "TrainingError"]
 
 
@@ -29,6 +29,11 @@ class DownloadError(CheckpointError):
 
 class ImageError(VimError):
     """An image cannot be used; the message names the image and says what is wrong."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image whose decoded pixels would exceed the memory budget for one image (found from its
+    header, before decoding); the message names the budget and how to raise it. A server answers 413."""
 
 
 class DatasetError(VimError):
