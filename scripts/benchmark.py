@@ -6,13 +6,14 @@
 
 Timed in this process, after warm-up, interleaved: every repetition runs each variant once
 (round-robin, grouped by thread count), so load from other processes hits all variants alike:
-  vim fp32    the default fast path with the pure-PyTorch scan kernel
-              (SELECTIVE_SCAN_CPU_BACKEND=torch): the issue's targets are about this one
+  vim fp32    the default fast path with the pure-PyTorch kernels (model.set_backend("torch")):
+              the issue's targets are about this one
   vim int8    the same with dynamic-int8 Linear layers (vim/quantization.py)
-  vim numba   SELECTIVE_SCAN_CPU_BACKEND=numba: each v2 mixer runs the fused numba kernels
+  vim numba   set_backend("numba"): each v2 mixer runs the fused numba kernels
               (mamba_ssm/ops/bimamba_v2_numba.py; only when numba is installed)
-  vim ref     the sequential reference kernels (mamba_ssm.use_backend("ref")); slow, so it runs
-              only every few repetitions
+  vim ref     the sequential reference kernels (set_backend("ref")); slow, so it runs only every
+              few repetitions
+Each Vim variant is its own copy of one randomly initialised model, told its backend once.
   deit fp32   DeiT-Tiny built from torch.nn only (16 px patches, 12 pre-norm
               nn.TransformerEncoderLayer(192, 3, 768, gelu), cls token, position embedding,
               LayerNorm, head): 1.25 G multiply-adds against Vim-Tiny's 1.41 G
@@ -28,7 +29,8 @@ Also measured, in fresh processes so that nothing of this one is counted:
     (--cold-repeats each, medians), with the numba kernels' cache warmed beforehand as set-up does;
   - cold start: in a fresh process per kernel (all cores), the first forward against the median
     of the next ones, after what a CLI does at model load: mamba_simple.build_inference_constants
-    and, for numba, bimamba_v2_numba.warm_up() (kernel load); their time is reported apart;
+    and, for numba, bimamba_v2_numba.warm_up(); their time is reported apart (the numba kernels
+    themselves load when the model resolves its kernels, at build, before that);
   - minor page faults per forward with glibc's default malloc, then after runtime.tune_malloc()
     (this process runs with tune_malloc applied).
 Ops dispatched per forward are counted with a TorchDispatchMode: every aten op that reaches
@@ -38,6 +40,7 @@ The table goes to stdout, progress to stderr.
 """
 
 import argparse
+import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -58,7 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mamba_ssm
 import vim_rpi
-from causal_conv1d.backends import CPU_BACKEND_ENV
+from mamba_ssm.env import CPU_BACKEND_ENV
 from mamba_ssm.modules.mamba_simple import build_inference_constants
 from vim_rpi import checkpoint_io, quantization, runtime
 
@@ -155,32 +158,37 @@ def image_size(args):
     return TINY["img_size"] if args.tiny else vim_rpi.pretrained_cfg(args.model)["input_size"][-1]
 
 
+VIM_VARIANTS = [("vim fp32", "torch"), ("vim int8", "torch")] + ([("vim numba", "numba")] if HAS_NUMBA else [])
+
+
 def build_models(args):
-    """name -> eval-mode model: "vim" (fp32), "vim int8", "deit"."""
+    """variant name -> eval-mode model: each Vim variant of VIM_VARIANTS and "vim ref" (copies of
+    one model, each told its backend), and "deit fp32"."""
     torch.manual_seed(0)
     vim = vim_rpi.create_model(args.model, **model_kwargs(args)).eval()
-    deit = DeiTTiny(img_size=image_size(args), depth=TINY["depth"] if args.tiny else 12).eval()
-    return {"vim": vim, "vim int8": quantization.quantize_model(vim, "dynamic-int8"), "deit": deit}
+    models = {"vim int8": quantization.quantize_model(vim, "dynamic-int8").set_backend("torch")}
+    for name, backend in [v for v in VIM_VARIANTS if v[0] != "vim int8"] + [("vim ref", "ref")]:
+        models[name] = copy.deepcopy(vim).set_backend(backend)
+    models["deit fp32"] = DeiTTiny(img_size=image_size(args), depth=TINY["depth"] if args.tiny else 12).eval()
+    return models
 
 
 def plan(args):
-    """The timed variants: dicts with name, model, backend ("torch" or "numba" scan kernel on the
-    fast path, or "ref"), threads, batch, runs."""
-    vims = [("vim fp32", "vim", "torch"), ("vim int8", "vim int8", "torch")]
-    vims += [("vim numba", "vim", "numba")] if HAS_NUMBA else []
+    """The timed variants: dicts with name (which is also the model's), backend ("torch" or "numba"
+    on the fast path, or "ref"), threads, batch, runs."""
     variants = []
     for threads in args.threads:
-        for name, model, backend in vims + [("vim ref", "vim", "ref"), ("deit fp32", "deit", "torch")]:
+        for name, backend in VIM_VARIANTS + [("vim ref", "ref"), ("deit fp32", "torch")]:
             runs = args.ref_repeats if backend == "ref" else args.repeats
-            variants.append(dict(name=name, model=model, backend=backend, threads=threads, batch=1, runs=runs))
-    for name, model, backend in [v for v in vims if v[1] == "vim"] + [("deit fp32", "deit", "torch")]:
-        variants.append(dict(name=name, model=model, backend=backend, threads=max(args.threads),
-                             batch=THROUGHPUT_BATCH, runs=args.batch_repeats))
+            variants.append(dict(name=name, backend=backend, threads=threads, batch=1, runs=runs))
+    for name, backend in [v for v in VIM_VARIANTS if v[0] != "vim int8"] + [("deit fp32", "torch")]:
+        variants.append(dict(name=name, backend=backend, threads=max(args.threads), batch=THROUGHPUT_BATCH,
+                             runs=args.batch_repeats))
     return variants
 
 
-def _forward(model, x, backend):
-    with torch.inference_mode(), mamba_ssm.use_backend(backend):
+def _forward(model, x):
+    with torch.inference_mode():
         return model(x)
 
 
@@ -201,7 +209,7 @@ def time_variants(variants, models, inputs, args):
                 continue
             runtime.set_threads(v["threads"])
             start = time.perf_counter()
-            _forward(models[v["model"]], inputs[v["batch"]], v["backend"])
+            _forward(models[v["name"]], inputs[v["batch"]])
             if r >= 0:
                 times[i].append((time.perf_counter() - start) * 1e3)
     return times
@@ -248,12 +256,12 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(model, x, backend):
+def count_ops(model, x):
     """{"total": ops dispatched by one forward, "top": the 5 most frequent ops}."""
-    _forward(model, x, backend)  # builds cached constants, which a steady-state forward reuses
+    _forward(model, x)  # builds the held inference weights, which a steady-state forward reuses
     counter = _OpCounter()
     with counter:
-        _forward(model, x, backend)
+        _forward(model, x)
     return {"total": sum(counter.ops.values()), "top": dict(counter.ops.most_common(5))}
 
 
@@ -268,7 +276,7 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def environment(malloc_tuned):
+def environment(malloc_tuned, args):
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -276,7 +284,8 @@ def environment(malloc_tuned):
         "machine": platform.machine(),
         "cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "backend": mamba_ssm.backend_report(torch.empty(0)),
+        # the kernels a model of the timed kind runs on the default backend ("auto")
+        "backend": mamba_ssm.kernel_report(vim_rpi.create_model(args.model, **model_kwargs(args))),
         "numba": importlib.metadata.version("numba") if HAS_NUMBA else None,
         "malloc_tuned": malloc_tuned,
         "load_average": list(os.getloadavg()),
@@ -382,10 +391,10 @@ def _faults_per_forward(model, x, runs):
     import resource
 
     for _ in range(2):  # warm-up: first calls allocate caches and fault in code
-        _forward(model, x, "torch")
+        _forward(model, x)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(runs):
-        _forward(model, x, "torch")
+        _forward(model, x)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / runs
 
 
@@ -394,7 +403,7 @@ def fault_probe(args):
     with glibc's default malloc, then again after runtime.tune_malloc()."""
     runtime.set_threads(1)
     torch.manual_seed(0)
-    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval()
+    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval().set_backend("torch")
     x = torch.randn(1, 3, image_size(args), image_size(args))
     runs = 1 if args.quick else 5
     default = _faults_per_forward(model, x, runs)
@@ -409,7 +418,7 @@ def cold_probe(args):
     runtime.tune_malloc()
     runtime.set_threads(max(args.threads))
     torch.manual_seed(0)
-    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval()
+    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval().set_backend(args.cold_probe)
     x = torch.randn(1, 3, image_size(args), image_size(args))
     start = time.perf_counter()
     build_inference_constants(model)
@@ -421,7 +430,7 @@ def cold_probe(args):
     times = []
     for _ in range(1 if args.quick else 6):
         start = time.perf_counter()
-        _forward(model, x, args.cold_probe)
+        _forward(model, x)
         times.append((time.perf_counter() - start) * 1e3)
     warm = statistics.median(times[1:]) if len(times) > 1 else times[0]
     print(json.dumps({"load_ms": load_ms, "first_ms": times[0], "warm_ms": warm,
@@ -441,18 +450,16 @@ def run(args):
         report["infer_rpi_wall"] = wall_ms
         report["cold_start"] = cold
     malloc_tuned = runtime.tune_malloc()
-    report["environment"] = environment(malloc_tuned)
+    report["environment"] = environment(malloc_tuned, args)
     models = build_models(args)
     size = image_size(args)
     generator = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, 3, size, size, generator=generator) for b in (1, THROUGHPUT_BATCH)}
     runtime.set_threads(max(args.threads))
     report["dispatched_ops"] = {"method": "TorchDispatchMode: aten ops per batch-1 forward, views included"}
-    counted = [("vim fp32", "vim", "torch"), ("vim int8", "vim int8", "torch")]
-    counted += [("vim numba", "vim", "numba")] if HAS_NUMBA else []
-    for name, model, backend in counted + [("vim ref", "vim", "ref"), ("deit fp32", "deit", "torch")]:
+    for name in [v[0] for v in VIM_VARIANTS] + ["vim ref", "deit fp32"]:
         _log(f"counting dispatched ops: {name}")
-        report["dispatched_ops"][name] = count_ops(models[model], inputs[1], backend)
+        report["dispatched_ops"][name] = count_ops(models[name], inputs[1])
     variants = plan(args)
     times = time_variants(variants, models, inputs, args)
     rows = [summarize(v, ms) for v, ms in zip(variants, times)]
