@@ -255,6 +255,18 @@ def test_inference_weights_are_built_once_not_per_forward(monkeypatch):
     assert len(built) == 2 and rel_err(got, mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
 
 
+def test_optimizer_step_in_eval_mode_is_seen():
+    """An autograd forward drops the held inference weights: a step taken after it is seen."""
+    m = make_mixer("v2", if_divide_out=True).eval()
+    h = hidden_states()
+    eval_forward(m, h)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(h).square().sum().backward()  # eval mode, autograd on
+    opt.step()
+    with torch.no_grad():
+        assert rel_err(m(h), mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
+
+
 def test_moved_cast_and_pickled_modules_resolve_and_rebuild():
     m = make_mixer("v2", if_divide_out=True).eval()
     h = hidden_states()

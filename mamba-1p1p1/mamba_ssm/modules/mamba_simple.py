@@ -15,11 +15,12 @@ Constructor arguments, parameter names (checkpoint keys) and results are upstrea
   - in eval mode a "v2" mixer holds its inference weights (`ops.bimamba_v2.V2Weights`: A =
     -exp(A_log), stacked layouts), built once by the first inference forward (or by
     `build_inference_constants`) after eval(), load_state_dict, `.to()`/`.half()`... or
-    `set_backend`, which drop them. Parameters changed in place after that build by other means
-    (an optimizer step, a `.data` write, a Linear layer swapped by
-    quantize_dynamic(inplace=True), a `torch.func.functional_call` under no_grad) are not seen
-    until eval() or `build_inference_constants` runs again. Training mode and forwards with
-    autograd on build them from the parameters on every call;
+    `set_backend`, which drop them, as does a forward with autograd on (an optimizer step may
+    follow it). Parameters changed in place after that build by other means (a `.data` write or
+    an in-place op under no_grad, a Linear layer swapped by quantize_dynamic(inplace=True), a
+    `torch.func.functional_call` under no_grad) are not seen until eval() or
+    `build_inference_constants` runs again. Training mode and forwards with autograd on build
+    the weights from the parameters on every call;
   - Linear layers may be replaced by dynamically quantized ones (they have no `.weight`
     tensor): in_proj and out_proj are called; a v2 mixer's x_proj runs from its packed int8
     weights on the stacked paths, dequantized in the composed one, and dt_proj's weights are
@@ -175,8 +176,13 @@ class Mamba(KernelHolder, nn.Module):
             return self._forward_with_cache(kernels, hidden_states, inference_params)
         xz = self.in_proj(hidden_states)  # (b, l, 2 * d_inner)
         if self.bimamba_type == "v2":
-            held = kernels.mode == "inference" and not self.training
-            weights = self._inference_weights() if held else self._v2_weights(kernels)
+            if kernels.mode == "inference" and not self.training:
+                weights = self._inference_weights()
+            else:
+                # autograd on: built from the parameters now; an optimizer step may follow, so the
+                # held inference weights go too (the next inference forward rebuilds them)
+                self._constants = None
+                weights = self._v2_weights(kernels)
             y = kernels.mixer(xz, weights, self.if_divide_out)  # (b, l, d_inner)
         else:
             y = self._inner(kernels, xz.transpose(1, 2)).transpose(1, 2)
