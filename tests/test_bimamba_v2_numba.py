@@ -366,3 +366,13 @@ def test_broken_numba_runs_the_torch_path_with_one_warning(tmp_path, failure, ca
     lines = _python(code, tmp_path, tmp_path / "stand-in").splitlines()
     assert lines[0].startswith("1 numba kernels unavailable") and cause in lines[0]
     assert lines[1] == "True"
+
+
+def test_a_model_told_numba_refuses_autograd_and_runs_inference(fused_calls):
+    m = mixer(16, if_divide_out=True).set_backend("numba")
+    h = hidden(1, 5, 16)
+    with pytest.raises(RuntimeError, match="inference only"):
+        m(h)  # autograd on: the numba kernels cannot record it, and nothing falls back
+    got = forward(m, h)
+    assert len(fused_calls) == 1 and rel_err(got, mixer_oracle(params64(m), h, "v2", True)) <= TOL
+    assert mamba_ssm.kernel_report(m, "autograd")["mixer"] == "refused"

@@ -130,6 +130,7 @@ def resolve_kernels(backend, device, dtype, *, mode, needs, channels=None, unifo
         except RuntimeError as error:
             if not (autograd and backend == "numba"):
                 raise
-            names["scan" if kernel == "inner" else kernel] = "refused"
-            kernels[kernel] = Refusal(str(error))
+            for refused in ("inner", "scan") if kernel == "inner" else (kernel,):
+                names["scan" if refused == "inner" else refused] = "refused"
+                kernels[refused] = Refusal(str(error))
     return KernelSet(backend=backend, mode=mode, names=tuple(names.items()), **kernels)
