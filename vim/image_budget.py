@@ -37,8 +37,8 @@ __all__ = ["DEFAULT_MAX_IMAGE_MB", "MB", "FORMATS", "STRIP_PIXELS", "STRIP_BYTES
 MB = 1 << 20
 # A 1 GB Pi leaves about 480 MB beside its OS (about 200 MB) and the warm server (about 340 MB):
 # two decodes at the budget (256 MB) and four 20 MB uploads (80 MB) fit. 128 MB holds a 12 MP photo
-# decoded at full size and rotated (92 MB), a 4000x3000 RGBA PNG (92 MB), a 6000x4000 16-bit PNG
-# (78 MB) and, drafted to 1000x750, a 48 MP JPEG (3 MB).
+# decoded at full size and rotated (96 MB), a 4000x3000 RGBA PNG (96 MB), a 6000x4000 16-bit PNG
+# (78 MB) and, drafted to 1000x750, a 48 MP phone JPEG (4 MB; 142 MB if it were progressive).
 DEFAULT_MAX_IMAGE_MB = 128
 
 # Formats whose header states what the decoder allocates (torchvision's IMG_EXTENSIONS plus GIF;
