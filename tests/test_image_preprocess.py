@@ -556,13 +556,16 @@ def test_exif_rotation_is_counted_even_when_pillow_sees_it_late(tmp_path):
     assert load_image(early, max_image_mb=2.1 * one_copy).size == (300, 400)
 
 
-def test_tiff_orientation_applied(tmp_path):
+@pytest.mark.parametrize("compression", [None, "tiff_deflate"])  # Pillow's own decoder, libtiff
+def test_tiff_orientation_applied(tmp_path, compression):
+    """The orientation is read from the TIFF's tags before decoding, which moves the file."""
     exif = Image.Exif()
     exif[0x0112] = 8
     img = noise_image(60, 40, seed=4)
     path = tmp_path / "r.tif"
-    img.save(path, exif=exif)
-    np.testing.assert_array_equal(np.asarray(load_image(path)), np.rot90(np.asarray(img), 1))
+    img.save(path, exif=exif, **({"compression": compression} if compression else {}))
+    for source in (path, path.read_bytes()):
+        np.testing.assert_array_equal(np.asarray(load_image(source)), np.rot90(np.asarray(img), 1))
 
 
 def test_formats_whose_header_does_not_bound_the_decode_are_refused(tmp_path):
