@@ -268,9 +268,10 @@ def choose_sensor_mode(modes, size=None, name="the Pi camera"):
     """The sensor mode to read: the one of `size` (w, h) when given (of the highest bit depth), else
     the smallest mode that covers the full field of view and is at least FRAME_HEIGHT rows tall,
     or the largest full-field mode when none is that tall. A mode covers the full field when its
-    crop spans at least _FULL_FIELD of the largest crop's width and height: the 2x2 binned mode on
-    every Raspberry Pi camera (Camera Module 1 OV5647: 640x480 (binned 4x4); 2 IMX219: 1640x1232;
-    3 IMX708: 2304x1296; HQ IMX477: 2028x1520), where the nearest mode to 640x480 is a crop.
+    crop spans at least _FULL_FIELD of the largest crop's width and height. On the Raspberry Pi
+    cameras that is a binned mode (Camera Module 1, OV5647: 640x480; Module 2, IMX219: 1640x1232;
+    Module 3, IMX708: 2304x1296; HQ, IMX477: 2028x1520), where the mode nearest 640x480 is a
+    centre crop on all but Module 1.
 
     Args:
         modes: picamera2's `sensor_modes`: dicts with "size" (w, h), "bit_depth", "fps" and
@@ -290,9 +291,9 @@ def choose_sensor_mode(modes, size=None, name="the Pi camera"):
         return max(matching, key=lambda mode: mode["bit_depth"])
     if not sized:
         return None
-    widest = max(sized, key=lambda mode: mode["crop_limits"][2] * mode["crop_limits"][3])["crop_limits"]
-    full = [mode for mode in sized if mode["crop_limits"][2] >= _FULL_FIELD * widest[2]
-            and mode["crop_limits"][3] >= _FULL_FIELD * widest[3]]
+    largest = max(sized, key=lambda mode: mode["crop_limits"][2] * mode["crop_limits"][3])["crop_limits"]
+    full = [mode for mode in sized if mode["crop_limits"][2] >= _FULL_FIELD * largest[2]
+            and mode["crop_limits"][3] >= _FULL_FIELD * largest[3]]
     tall = [mode for mode in full if mode["size"][1] >= FRAME_HEIGHT]
     if tall:
         return min(tall, key=lambda mode: (mode["size"][0] * mode["size"][1], -mode["bit_depth"]))
