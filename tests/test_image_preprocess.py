@@ -531,6 +531,17 @@ def test_multi_frame_files_count_their_first_frame(tmp_path):
         load_image(tmp_path / "big_first.tif", max_image_mb=0.5)
 
 
+def test_gif_frame_larger_than_its_screen_is_counted(no_decoding):
+    """A GIF whose logical screen says 10 x 10 and whose first frame is 3000 x 2000: Pillow grows
+    the canvas when it opens the file, and the budget counts the grown canvas."""
+    buffer = io.BytesIO()
+    Image.new("P", (3000, 2000), 3).save(buffer, "GIF")
+    data = bytearray(buffer.getvalue())
+    data[6:10] = (10).to_bytes(2, "little") * 2  # the logical screen's width and height
+    with pytest.raises(ImageTooLargeError, match=r"image: a 3000x2000 P image needs 28\.7 MB"):
+        load_image(bytes(data), max_image_mb=1)
+
+
 def test_exif_rotation_is_counted_even_when_pillow_sees_it_late(tmp_path):
     """An upright copy is one more image: a budget that fits the decoded image but not the copy
     refuses it, also when a PNG stores its EXIF after the pixels (then Pillow reads it only while
