@@ -272,8 +272,10 @@ def _kernels():
 
 def warm_up():
     """Compile the kernels (into the on-disk cache) or load them; call at set-up time, or at
-    model load (it may run in a background thread). Raises RuntimeError naming the cause."""
-    _kernels()
+    model load (it may run in a background thread). Returns the cache entry they were loaded
+    from or stored in, or None when none could be written (`kernel_cache`). Raises RuntimeError
+    naming the cause."""
+    return _kernels().path
 
 
 def load_error():
