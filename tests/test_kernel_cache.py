@@ -154,7 +154,7 @@ def test_key_names_versions_cpu_and_sources(monkeypatch, tmp_path):
 
 # ---- the writer ------------------------------------------------------------------------------------
 
-def test_write_flushes_the_data_before_the_rename_and_the_rename_after(monkeypatch, tmp_path):
+def test_write_flushes_the_data_before_the_rename_and_the_rename_after_and_any_user_reads_it(monkeypatch, tmp_path):
     events = []
     fsync, replace = os.fsync, os.replace
 
@@ -170,7 +170,12 @@ def test_write_flushes_the_data_before_the_rename_and_the_rename_after(monkeypat
     monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(os, "replace", recording_replace)
     path = tmp_path / "x.kernels"
-    kernel_cache.write(path, b"entry")
+    umask = os.umask(0o077)  # root's under some sudo set-ups: the service's user must still read the entry
+    try:
+        kernel_cache.write(path, b"entry")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
     tmp = f"{path}.{os.getpid()}.tmp"
     assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", "directory")]
     assert path.read_bytes() == b"entry" and os.listdir(tmp_path) == ["x.kernels"]

@@ -197,6 +197,7 @@ def write(path, data):
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            os.fchmod(fd, 0o644)  # whatever the umask: set-up writes it as root for a service's user
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
