@@ -299,7 +299,7 @@ def numba_unsupported(dtype, channels, *, complex_A=False, time_invariant=False)
 
 def _call_unsupported(u, A, B, C):
     groups = max(t.shape[1] if t.dim() == 4 else 1 for t in (B, C))
-    channels = u.shape[1] // groups if u.dim() == 3 else 32
+    channels = u.shape[1] // groups if u.dim() == 3 else 32  # a u of another rank: the argument checks say so
     return numba_unsupported(u.dtype, channels, complex_A=A.is_complex(), time_invariant=B.dim() == 2 or C.dim() == 2)
 
 
