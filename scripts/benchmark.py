@@ -13,7 +13,8 @@ Timed in this process, after warm-up, interleaved: every repetition runs each va
               (mamba_ssm/ops/bimamba_v2_numba.py; only when numba is installed)
   vim ref     the sequential reference kernels (set_backend("ref")); slow, so it runs only every
               few repetitions
-Each Vim variant is its own copy of one randomly initialised model, told its backend once.
+The Vim variants share one randomly initialised model (one int8 copy), told each variant's
+backend before its forward is timed (and its inference weights built then, untimed).
   deit fp32   DeiT-Tiny built from torch.nn only (16 px patches, 12 pre-norm
               nn.TransformerEncoderLayer(192, 3, 768, gelu), cls token, position embedding,
               LayerNorm, head): 1.25 G multiply-adds against Vim-Tiny's 1.41 G
@@ -40,7 +41,6 @@ The table goes to stdout, progress to stderr.
 """
 
 import argparse
-import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -158,33 +158,36 @@ def image_size(args):
     return TINY["img_size"] if args.tiny else vim_rpi.pretrained_cfg(args.model)["input_size"][-1]
 
 
-VIM_VARIANTS = [("vim fp32", "torch"), ("vim int8", "torch")] + ([("vim numba", "numba")] if HAS_NUMBA else [])
-
-
 def build_models(args):
-    """variant name -> eval-mode model: each Vim variant of VIM_VARIANTS and "vim ref" (copies of
-    one model, each told its backend), and "deit fp32"."""
+    """name -> eval-mode model: "vim" (fp32), "vim int8", "deit"."""
     torch.manual_seed(0)
     vim = vim_rpi.create_model(args.model, **model_kwargs(args)).eval()
-    models = {"vim int8": quantization.quantize_model(vim, "dynamic-int8").set_backend("torch")}
-    for name, backend in [v for v in VIM_VARIANTS if v[0] != "vim int8"] + [("vim ref", "ref")]:
-        models[name] = copy.deepcopy(vim).set_backend(backend)
-    models["deit fp32"] = DeiTTiny(img_size=image_size(args), depth=TINY["depth"] if args.tiny else 12).eval()
-    return models
+    deit = DeiTTiny(img_size=image_size(args), depth=TINY["depth"] if args.tiny else 12).eval()
+    return {"vim": vim, "vim int8": quantization.quantize_model(vim, "dynamic-int8"), "deit": deit}
 
 
 def plan(args):
-    """The timed variants: dicts with name (which is also the model's), backend ("torch" or "numba"
-    on the fast path, or "ref"), threads, batch, runs."""
+    """The timed variants: dicts with name, model, backend ("torch" or "numba" on the fast path, or
+    "ref"), threads, batch, runs."""
+    vims = [("vim fp32", "vim", "torch"), ("vim int8", "vim int8", "torch")]
+    vims += [("vim numba", "vim", "numba")] if HAS_NUMBA else []
     variants = []
     for threads in args.threads:
-        for name, backend in VIM_VARIANTS + [("vim ref", "ref"), ("deit fp32", "torch")]:
+        for name, model, backend in vims + [("vim ref", "vim", "ref"), ("deit fp32", "deit", "torch")]:
             runs = args.ref_repeats if backend == "ref" else args.repeats
-            variants.append(dict(name=name, backend=backend, threads=threads, batch=1, runs=runs))
-    for name, backend in [v for v in VIM_VARIANTS if v[0] != "vim int8"] + [("deit fp32", "torch")]:
-        variants.append(dict(name=name, backend=backend, threads=max(args.threads), batch=THROUGHPUT_BATCH,
-                             runs=args.batch_repeats))
+            variants.append(dict(name=name, model=model, backend=backend, threads=threads, batch=1, runs=runs))
+    for name, model, backend in [v for v in vims if v[1] == "vim"] + [("deit fp32", "deit", "torch")]:
+        variants.append(dict(name=name, model=model, backend=backend, threads=max(args.threads),
+                             batch=THROUGHPUT_BATCH, runs=args.batch_repeats))
     return variants
+
+
+def _tell(model, backend):
+    """Tell a Vim model `backend` (untimed: its kernels resolved, its inference weights built),
+    unless it runs that one already; DeiT has no kernel backends."""
+    if hasattr(model, "set_backend") and mamba_ssm.kernel_report(model)["backend"] != backend:
+        build_inference_constants(model.set_backend(backend))
+    return model
 
 
 def _forward(model, x):
@@ -208,8 +211,9 @@ def time_variants(variants, models, inputs, args):
             if not due:
                 continue
             runtime.set_threads(v["threads"])
+            model = _tell(models[v["model"]], v["backend"])
             start = time.perf_counter()
-            _forward(models[v["name"]], inputs[v["batch"]])
+            _forward(model, inputs[v["batch"]])
             if r >= 0:
                 times[i].append((time.perf_counter() - start) * 1e3)
     return times
@@ -256,9 +260,9 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(model, x):
+def count_ops(model, x, backend):
     """{"total": ops dispatched by one forward, "top": the 5 most frequent ops}."""
-    _forward(model, x)  # builds the held inference weights, which a steady-state forward reuses
+    _forward(_tell(model, backend), x)  # a steady-state forward follows
     counter = _OpCounter()
     with counter:
         _forward(model, x)
@@ -457,9 +461,11 @@ def run(args):
     inputs = {b: torch.randn(b, 3, size, size, generator=generator) for b in (1, THROUGHPUT_BATCH)}
     runtime.set_threads(max(args.threads))
     report["dispatched_ops"] = {"method": "TorchDispatchMode: aten ops per batch-1 forward, views included"}
-    for name in [v[0] for v in VIM_VARIANTS] + ["vim ref", "deit fp32"]:
+    counted = [("vim fp32", "vim", "torch"), ("vim int8", "vim int8", "torch")]
+    counted += [("vim numba", "vim", "numba")] if HAS_NUMBA else []
+    for name, model, backend in counted + [("vim ref", "vim", "ref"), ("deit fp32", "deit", "torch")]:
         _log(f"counting dispatched ops: {name}")
-        report["dispatched_ops"][name] = count_ops(models[name], inputs[1])
+        report["dispatched_ops"][name] = count_ops(models[model], inputs[1], backend)
     variants = plan(args)
     times = time_variants(variants, models, inputs, args)
     rows = [summarize(v, ms) for v, ms in zip(variants, times)]

@@ -193,19 +193,20 @@ class Mamba(KernelHolder, nn.Module):
 
     def _direction(self, suffix="", pack=False):
         """One direction's weights ("" forward, "_b" backward) as tensors the kernels take; with
-        pack, an int8 x_proj's packed weights too."""
+        pack, an int8 x_proj as its packed weights instead of dequantized ones."""
         conv, x_proj = getattr(self, "conv1d" + suffix), getattr(self, "x_proj" + suffix)
+        packed = packed_int8(x_proj) if pack else None
         dt_weight, dt_bias = dense_linear(getattr(self, "dt_proj" + suffix))
-        return DirectionWeights(conv_weight=conv.weight, conv_bias=conv.bias, x_proj_weight=dense_linear(x_proj)[0],
+        return DirectionWeights(conv_weight=conv.weight, conv_bias=conv.bias,
+                                x_proj_weight=None if packed is not None else dense_linear(x_proj)[0],
                                 dt_weight=dt_weight, dt_bias=dt_bias, A=-torch.exp(fp32(getattr(self, f"A{suffix}_log"))),
-                                D=fp32(getattr(self, "D" + suffix)), x_proj_packed=packed_int8(x_proj) if pack else None)
+                                D=fp32(getattr(self, "D" + suffix)), x_proj_packed=packed)
 
     def _v2_weights(self, kernels):
-        """Both directions' weights, stacked too when `kernels`' mixer reads them so."""
-        stacked = kernels.mixer_reads_stacked
-        forward, backward = self._direction(pack=stacked), self._direction("_b", pack=stacked)
-        stacked = stack_directions(forward, backward) if stacked else None
-        return V2Weights(forward, backward, stacked)
+        """Both directions' weights as `kernels`' mixer reads them: stacked, or per direction."""
+        if not kernels.mixer_reads_stacked:
+            return V2Weights(self._direction(), self._direction("_b"), None)
+        return V2Weights(None, None, stack_directions(self._direction(pack=True), self._direction("_b", pack=True)))
 
     def _inner(self, kernels, xz):
         """The v1 / causal inner path on the held kernels: xz (b, 2*d_inner, l) -> (b, d_inner, l)."""

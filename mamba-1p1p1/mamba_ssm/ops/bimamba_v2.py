@@ -47,14 +47,15 @@ class DirectionWeights:
     """One direction's inner-path weights, as `mamba_inner_fn_no_out_proj` takes them.
 
     conv_weight (d, 1, w); conv_bias (d,) or None; x_proj_weight (r + 2n, d) (dequantized for an
-    int8 layer, whose packed weights are x_proj_packed, else None); dt_weight (d, r); dt_bias (d,)
+    int8 layer), or None when x_proj_packed holds the int8 layer's packed weights (else None);
+    dt_weight (d, r); dt_bias (d,)
     (upstream's delta_bias, in the layer's dtype); A (d, n) = -exp(A_log) and D (d,), both float32
     or float64.
     """
 
     conv_weight: Tensor
     conv_bias: Optional[Tensor]
-    x_proj_weight: Tensor
+    x_proj_weight: Optional[Tensor]
     dt_weight: Tensor
     dt_bias: Tensor
     A: Tensor
@@ -101,11 +102,11 @@ class StackedWeights:
 
 @dataclass(frozen=True)
 class V2Weights:
-    """A v2 mixer's weights for one call: per direction (what `bimamba_v2_composed` reads) and,
-    when the kernel reads them, stacked (`bimamba_v2_fast`, `bimamba_v2_fused`); else None."""
+    """A v2 mixer's weights as its kernel reads them: per direction (`bimamba_v2_composed`), or
+    stacked (`bimamba_v2_fast`, `bimamba_v2_fused`); the other fields are None."""
 
-    forward: DirectionWeights
-    backward: DirectionWeights
+    forward: Optional[DirectionWeights]
+    backward: Optional[DirectionWeights]
     stacked: Optional[StackedWeights]
 
 
