@@ -6,6 +6,7 @@ import importlib.util
 import io
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from vim_rpi import checkpoint_io, factory
 import vim_rpi
 from vim_rpi import quantization
 from vim_rpi.checkpoint_io import CheckpointError
+from vim_rpi.errors import DownloadError
+from vim_rpi.hub import fetch_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(depth=2, embed_dim=32, img_size=64, num_classes=10)
@@ -118,6 +121,43 @@ def test_pickled_code_is_refused_unless_trusted(tmp_path):
     assert not target.exists()
     factory.load_model(path, "vim_tiny", trust_pickle=True, **SMALL)  # explicit opt-in only
     assert target.read_text() == "pwned"
+
+
+def _bounded(call, path, timeout=20):
+    """call(path) in a thread: its exception, or a failure if it blocks (opening a FIFO waits
+    for a writer, which this then provides so the thread ends)."""
+    outcome = []
+
+    def run():
+        try:
+            call(path)
+            outcome.append(None)
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # releases the blocked open
+        thread.join(timeout)
+        pytest.fail(f"{call.__name__}({path}) blocked")
+    return outcome[0]
+
+
+def test_checkpoint_paths_that_cannot_be_read_are_one_line_errors(tmp_path):
+    os.mkfifo(tmp_path / "pipe.pth")
+    (tmp_path / "dangling.pth").symlink_to("gone.pth")
+    cases = [(tmp_path / ("x" * 300 + ".pth"), "name too long for the file system"),
+             (tmp_path / "pipe.pth", "a FIFO (named pipe), not a regular file"),
+             (tmp_path / "dangling.pth", "a symbolic link to gone.pth, which does not exist"),
+             (tmp_path, "a directory, not a regular file"),
+             (tmp_path / "nope.pth", "checkpoint not found")]
+    for path, needle in cases:
+        for call in (fetch_checkpoint, checkpoint_io.read_checkpoint):
+            error = _bounded(call, path)
+            assert isinstance(error, (CheckpointError, DownloadError)) and needle in str(error), (call, error)
+            assert str(path) in str(error) and "\n" not in str(error)
 
 
 def test_wrong_model_names_the_fitting_one(tmp_path):

@@ -25,6 +25,7 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
+from vim_rpi import paths
 from vim_rpi.errors import CheckpointError, DamagedCheckpointError
 from vim_rpi.hub import publish_temp_file
 
@@ -38,10 +39,9 @@ _CONTAINER_KEYS = ("model", "model_ema", "state_dict")
 def read_checkpoint(path, *, trust_pickle=False):
     """torch.load the file at `path` on the CPU, memory-mapped when the format allows it."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    problem = paths.file_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint not found: {path}" if paths.is_missing(path) else f"checkpoint {problem}")
     mmap = zipfile.is_zipfile(path)  # torch's legacy (non-zip) format cannot be memory-mapped
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):

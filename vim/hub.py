@@ -38,7 +38,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from vim_rpi import registry
+from vim_rpi import paths, registry
 from vim_rpi.errors import DownloadError
 from vim_rpi.progress import progress_bar
 
@@ -84,8 +84,8 @@ def fetch_checkpoint(spec, *, progress=True, refetch=False, cache_dir=None) -> P
             for a cached download that turned out to be damaged.
         cache_dir: where URLs are cached; default `default_cache_dir()`.
     Raises:
-        DownloadError: the path does not exist or is not a file, or the download failed; the
-        message says what to do.
+        DownloadError: the path does not exist or is not a regular file (or cannot be looked
+        at: too long, no permission), or the download failed; the message says what to do.
     """
     spec = os.fspath(spec)
     if spec.startswith(HUB_PREFIX):
@@ -95,10 +95,9 @@ def fetch_checkpoint(spec, *, progress=True, refetch=False, cache_dir=None) -> P
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         return _cached_download(spec, cache, progress, refetch)
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise DownloadError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise DownloadError(f"checkpoint is not a file: {path}")
+    problem = paths.file_problem(path)
+    if problem is not None:
+        raise DownloadError(f"checkpoint not found: {path}" if paths.is_missing(path) else f"checkpoint {problem}")
     return path
 
 
@@ -119,7 +118,7 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
     # Only the released files were ever cached under their bare names by earlier versions: a file
     # of another repository with the same name must not be taken for them.
     legacy = default_cache_dir() / os.path.basename(filename)
-    if (repo_id, filename) in RELEASED_FILES and legacy.is_file():
+    if (repo_id, filename) in RELEASED_FILES and os.path.isfile(legacy):  # False, not an error, when it cannot be told
         if not refetch:
             return legacy
         legacy.unlink()  # damaged: a fresh copy goes to the Hub cache like every new download
@@ -200,7 +199,7 @@ def _cached_download(url: str, cache: Path, progress: bool, refetch: bool) -> Pa
     dest = cache / name
     if refetch:
         dest.unlink(missing_ok=True)
-    if not dest.is_file():
+    if not os.path.isfile(dest):  # a cache that cannot be looked into: download, and say so if it cannot be written
         _download(url, dest, progress)
     return dest
 

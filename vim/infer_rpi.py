@@ -154,22 +154,26 @@ def classify_path(clf: Classifier, image, topk: int) -> dict:
     try:
         prediction = clf.classify(image, topk)
     except ImageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return {"image": image, "error": str(e)}
+        return failed(image, str(e))
     return {"image": image, "topk": prediction.topk, "timing_ms": prediction.timing_ms}
+
+
+def failed(image, message: str) -> dict:
+    """The result of an image that could not be classified; its message also goes to stderr."""
+    print(f"error: {message}", file=sys.stderr)
+    return {"image": image, "error": message}
 
 
 def classify_paths(clf: Classifier, paths, topk: int, recursive: bool):
     """Yield the result of each image the paths name (a directory: its images, sorted; one error
-    result when it holds none)."""
+    result when it holds none). A path that cannot be read (missing, no permission, a FIFO...)
+    is one error result, and the paths after it are still classified."""
     for path in paths:
-        images = streams.image_paths(path, recursive)
-        if not images:
-            message = f"{path}: no image files in this directory" + ("" if recursive else " (--recursive descends)")
-            print(f"error: {message}", file=sys.stderr)
-            yield {"image": path, "error": message}
-        for image in images:
-            yield classify_path(clf, image, topk)
+        entries = streams.image_paths(path, recursive)
+        if not entries:
+            yield failed(path, f"{path}: no image files in this directory" + ("" if recursive else " (--recursive descends)"))
+        for entry in entries:
+            yield failed(entry.path, entry.problem) if entry.problem else classify_path(clf, entry.path, topk)
 
 
 def run(args) -> tuple:

@@ -7,8 +7,10 @@ loop classifies whatever frame is newest when the model is free. A slow model th
 frames instead of building a backlog, and memory holds at most a few frames whatever the rates.
 A video file is replayed at its own frame rate, so it behaves like the camera that recorded it.
 
-Paths: `image_paths(path, recursive)` lists a directory's images, `read_paths(stream)` yields
-the paths in a byte stream (a file, stdin) line by line as they arrive.
+Paths: `image_paths(path, recursive)` lists the images a path names (a file, or a directory's
+images), each with the problem that keeps it from being read if any, without raising and without
+opening a file; `read_paths(stream)` yields the paths in a byte stream (a file, stdin) line by line
+as they arrive.
 
 OpenCV (files and camera indices) and picamera2 (the Pi camera module) are optional: each is
 imported only when its source is opened, and a missing one is a ConfigError saying how to
@@ -19,17 +21,20 @@ takes, so a frame is preprocessed exactly like the same pixels read from an imag
 import dataclasses
 import os
 import pathlib
+import stat
 import sys
 import threading
 import time
+import typing
 
 import numpy as np
 
+from vim_rpi import paths
 from vim_rpi.errors import ConfigError, SourceError, VimError
 from vim_rpi.folder_dataset import IMG_EXTENSIONS
 
 __all__ = ["Frame", "LatestFrame", "LatestFrameStream", "OpenCVSource", "PiCameraSource", "open_video",
-           "bgr_to_rgb", "image_paths", "read_paths", "picamera2_help", "CAMERA_TIMEOUT_S", "PICAM_SIZE"]
+           "bgr_to_rgb", "PathEntry", "image_paths", "read_paths", "picamera2_help", "CAMERA_TIMEOUT_S", "PICAM_SIZE"]
 
 CAMERA_TIMEOUT_S = 10.0  # a live camera that delivers no frame for this long is taken as gone
 PICAM_SIZE = (640, 480)  # Pi camera frame (width, height): above the 256-pixel short side preprocessing needs
@@ -321,16 +326,61 @@ class LatestFrameStream:
                 self.holder.finish(error)
 
 
+class PathEntry(typing.NamedTuple):
+    """One item a path names: `path` (str) to classify, or `problem`, a one-line message naming
+    the path and why it cannot be read as an image file."""
+
+    path: str
+    problem: typing.Optional[str] = None
+
+
 def image_paths(path, recursive=False):
-    """The images a path names: the path itself when it is not a directory (reading it is left to
-    the classifier, which reports a missing or unreadable file), else the directory's image
-    files (by extension, case-insensitive) sorted by path, descending into sub-directories
-    with `recursive`. An empty list when the directory holds none."""
-    directory = pathlib.Path(path)
-    if not directory.is_dir():
-        return [path]
-    candidates = directory.rglob("*") if recursive else directory.iterdir()
-    return sorted(str(p) for p in candidates if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    """The items a path names, as PathEntry sorted by path:
+
+    - a regular file: itself (reading it is left to the classifier, which reports a file that is
+      not an image);
+    - a directory: its image files (by extension, case-insensitive), descending into
+      sub-directories with `recursive` (not into symbolic links to directories: no cycles); an
+      empty list when it holds none;
+    - what cannot be read as a file: an entry with its problem (missing, a dangling symbolic
+      link, a name too long, no permission on it or on a directory on the way, a FIFO, socket or
+      device, a directory that cannot be listed). Image-named entries of a directory are
+      reported the same way, so nothing is skipped without a word.
+
+    Nothing is opened here but directories (so a FIFO never blocks) and nothing raises: every
+    OSError becomes the problem of the entry it concerns.
+    """
+    problem, mode = paths.stat_path(path)
+    if problem is None and stat.S_ISDIR(mode):
+        entries = []
+        _scan(path, recursive, entries)
+        return sorted(entries, key=lambda entry: entry.path)
+    return [PathEntry(path, problem or paths.not_regular(path, mode))]
+
+
+def _scan(directory, recursive, entries):
+    """Append the entries of `directory` (and of its sub-directories, with `recursive`) to `entries`."""
+    try:
+        with os.scandir(directory) as listing:
+            children = list(listing)
+    except OSError as error:
+        entries.append(PathEntry(directory, f"{directory}: cannot list this directory: {paths.cause(directory, error)}"))
+        return
+    for child in children:
+        try:
+            is_directory = child.is_dir(follow_symlinks=False)
+        except OSError:  # unknown type and no lstat allowed: treat it like a file, its stat says why
+            is_directory = False
+        if is_directory:
+            if recursive:
+                _scan(child.path, recursive, entries)
+            continue
+        if os.path.splitext(child.name)[1].lower() not in IMG_EXTENSIONS:
+            continue
+        problem, mode = paths.stat_path(child.path)
+        if problem is None and stat.S_ISDIR(mode):  # a symbolic link to a directory: not descended
+            continue
+        entries.append(PathEntry(child.path, problem or paths.not_regular(child.path, mode)))
 
 
 def read_paths(stream):
