@@ -169,6 +169,83 @@ def test_missing_video_file_and_camera_index_are_one_line(assets, processes, tmp
         assert len(err.splitlines()) == 1 and needle in err, err
 
 
+DAMAGED_AT, DAMAGED_COUNT = 20, 48
+
+
+@pytest.fixture(scope="module")
+def bad_videos(assets, video):
+    """Videos that end badly: (an MPEG-4 .mp4 whose frame DAMAGED_AT lost its start code, the test
+    .avi cut in half, a text file named .jpg); the .mp4 replays at 240 fps (0.2 s)."""
+    cv2 = pytest.importorskip("cv2")
+    good = assets / "good.mp4"
+    writer = cv2.VideoWriter(str(good), cv2.VideoWriter_fourcc(*"mp4v"), 240.0, SIZE)
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build writes no MPEG-4")
+    for i in range(DAMAGED_COUNT):
+        frame = np.full((SIZE[1], SIZE[0], 3), (40, 90, 20), np.uint8)
+        cv2.circle(frame, (15 + 2 * i, 60), 14, (0, 0, 255), -1)
+        writer.write(frame)
+    writer.release()
+    data = bytearray(good.read_bytes())
+    starts = [i for i in range(len(data) - 3) if data[i:i + 4] == b"\x00\x00\x01\xb6"]  # one VOP start code per frame
+    assert len(starts) == DAMAGED_COUNT
+    data[starts[DAMAGED_AT]:starts[DAMAGED_AT] + 4] = bytes(4)  # the decoder no longer finds this frame
+    damaged = assets / "damaged.mp4"
+    damaged.write_bytes(data)
+    whole = video[0].read_bytes()
+    cut = assets / "cut.avi"
+    cut.write_bytes(whole[: len(whole) // 2])
+    text = assets / "text.jpg"
+    text.write_text("not a video\n")
+    return damaged, cut, text
+
+
+def _read_all(path):
+    """Every frame streams' OpenCV source reads from `path`: (count, the SourceError or None)."""
+    source = streams.open_video(str(path))
+    count = 0
+    try:
+        while source.read() is not None:
+            count += 1
+    except SourceError as error:
+        return count, error
+    finally:
+        source.close()
+    return count, None
+
+
+def test_opencv_read_fails_alike_at_the_end_and_on_damage_and_the_source_tells_them_apart(bad_videos, video):
+    cv2 = pytest.importorskip("cv2")
+    damaged, cut, _ = bad_videos
+    capture = cv2.VideoCapture(str(damaged))  # what the check rests on: False, then frames again
+    try:
+        assert all(capture.read()[0] for _ in range(DAMAGED_AT)) and not capture.read()[0] and capture.grab()
+    finally:
+        capture.release()
+    count, error = _read_all(damaged)
+    assert count == DAMAGED_AT and f"frame {DAMAGED_AT} of {DAMAGED_COUNT} could not be decoded" in str(error)
+    count, error = _read_all(cut)
+    assert 0 < count < FRAMES and f"the frames end at {count} of the {FRAMES} the file announces" in str(error)
+    assert _read_all(video[0]) == (FRAMES, None)  # a whole file simply ends
+
+
+def test_a_source_that_ends_before_its_first_frame_is_an_error():
+    with pytest.raises(SourceError, match="fake: no frame could be read from it"):
+        list(streams.LatestFrameStream(FakeSource(count=0, fps=100.0), lambda pixels: None))
+
+
+def test_bad_video_files_exit_4_with_one_line(assets, bad_videos, processes):
+    damaged, cut, text = bad_videos
+    for path, frames, needle in ((damaged, DAMAGED_AT, "could not be decoded"), (cut, None, "the frames end at"),
+                                 (text, 0, "no frame could be read")):
+        code, out, err = _run(processes, ["--video", path, "--json", "-c", assets / "small.pth", "-t", "1", "-q"])
+        assert code == 4 and len(err.splitlines()) == 1 and needle in err and str(path) in err, err
+        indices = [line["frame"] for line in _json_lines(out)]
+        assert indices == sorted(indices)
+        if frames is not None:  # the frames before the problem were classified, the newest of them last
+            assert indices[-1] == frames - 1 if frames else indices == []
+
+
 # --- the latest-frame loop -----------------------------------------------------------------------
 
 class FakeSource:

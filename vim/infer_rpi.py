@@ -56,7 +56,8 @@ output:
     that arrive while it is busy are skipped, never queued. SOURCE is a video file (replayed at
     its frame rate), a camera index (0 = /dev/video0, through OpenCV) or picam (the Pi camera
     module, through picamera2). Ends at the end of a file, after --max-frames, on Ctrl-C
-    (status 0), or when the camera goes away (one line, status {cli.EXIT_DATA}).
+    (status 0), or when the camera goes away or a file is damaged, cut short or holds no
+    frame (one line, status {cli.EXIT_DATA}).
   --paths-from FILE|-: image paths, one per line, each classified as it arrives; text blocks,
     or with --json JSON Lines {{"image", "topk", "timing_ms"}} or {{"image", "error"}}.
     Ctrl-C ends it like the end of the input (status 0, or {cli.EXIT_DATA} if a path failed).
@@ -214,6 +215,9 @@ def _ready(clf: Classifier) -> None:
 
 def run_video(args) -> int:
     """--video: classify the newest frame whenever the model is free; one line per frame."""
+    # FFmpeg, inside OpenCV, would print lines of its own about a damaged or unknown file; the
+    # SourceError says what happened in one. OPENCV_FFMPEG_LOGLEVEL=16 shows them again.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     source = streams.open_video(args.video)  # before the slow load: a missing camera fails at once
     try:
         clf = load(args)

@@ -39,6 +39,8 @@ __all__ = ["Frame", "LatestFrame", "LatestFrameStream", "OpenCVSource", "PiCamer
 CAMERA_TIMEOUT_S = 10.0  # a live camera that delivers no frame for this long is taken as gone
 PICAM_SIZE = (640, 480)  # Pi camera frame (width, height): above the 256-pixel short side preprocessing needs
 _FALLBACK_FPS = 30.0  # replay rate of a video file whose header gives none
+_GRABS_AFTER_FAILURE = 8  # frames tried after a failed read of a file: any that comes means damage, not the end
+_FRAME_COUNT_SLACK = 0.02  # of an announced frame count that may be an estimate (duration x rate)
 _SYSTEM_DIST_PACKAGES = pathlib.Path("/usr/lib/python3/dist-packages")  # where apt installs python3-picamera2
 
 
@@ -92,13 +94,36 @@ class OpenCVSource:
 
     def read(self):
         """The next frame as RGB uint8 (H, W, 3); None at the end of a file.
-        Raises SourceError when a camera stops delivering frames."""
+        Raises SourceError when a camera stops delivering frames, or when a file's frames stop
+        before its end (see `_check_end`)."""
         ok, bgr = self._capture.read()
         if ok:
             return bgr_to_rgb(bgr)
         if self.live:
             raise SourceError(f"{self.name} stopped delivering frames (unplugged, or taken by another program?)")
+        self._check_end()
         return None
+
+    def _check_end(self):
+        """A file's read failed: return at its end, raise SourceError when it is damaged.
+
+        OpenCV's read() answers False alike at the end of a file and on a frame its decoder
+        cannot make (FFmpeg skips to the next packet on the following call). So: a frame that
+        can still be grabbed after the failure means damage at this point; none, with fewer
+        frames read than the container announces (CAP_PROP_FRAME_COUNT), means a file cut
+        short. Containers without a frame index announce duration x rate, an estimate: a few
+        frames less than that (_FRAME_COUNT_SLACK) still count as the end.
+        """
+        cv2 = self._cv2
+        position = int(self._capture.get(cv2.CAP_PROP_POS_FRAMES))  # frames delivered so far
+        announced = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        of = f" of {announced}" if announced > 0 else ""
+        if any(self._capture.grab() for _ in range(_GRABS_AFTER_FAILURE)):
+            raise SourceError(f"{self.name}: frame {position}{of} could not be decoded (the file is damaged there); "
+                              "repair or re-encode it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4")
+        if 0 < position < announced - max(1, announced * _FRAME_COUNT_SLACK):
+            raise SourceError(f"{self.name}: the frames end at {position} of the {announced} the file announces "
+                              "(cut short, e.g. an unfinished copy or recording); copy or record it again")
 
     def close(self):
         self._capture.release()
@@ -261,6 +286,8 @@ class LatestFrameStream:
         every_s: at most one classification every `every_s` seconds (0: as fast as the model goes).
         camera_timeout_s: a live source silent this long raises SourceError (it is taken as gone).
     Attributes (updated while iterating): frames_read, classified, elapsed_s.
+    Raises (while iterating, after the frames read before it): the source's SourceError, and a
+    SourceError when the source ends before its first frame (a file that is not a video).
     """
 
     def __init__(self, source, classify, *, max_frames=None, every_s=0.0, camera_timeout_s=CAMERA_TIMEOUT_S):
@@ -312,6 +339,9 @@ class LatestFrameStream:
                     break
                 pixels = self.source.read()
                 if pixels is None:
+                    if not self.frames_read:
+                        raise SourceError(f"{self.source.name}: no frame could be read from it (not a video, or a "
+                                          "format or codec this reader lacks)")
                     break
                 self.holder.put(Frame(self.frames_read, time.perf_counter() - start, pixels))
                 self.frames_read += 1
