@@ -103,11 +103,32 @@ def check_environment(parser, args):
             parser.error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+class _HubRecords(logging.Filter):
+    """huggingface_hub's records on stderr: its retry loop logs two warnings per retry (the failed
+    request, then the wait before the next): the wait is kept, one line per retry (the final error
+    names the failure); under -q only its errors."""
+
+    def __init__(self, quiet):
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record):
+        if not (record.name == "huggingface_hub" or record.name.startswith("huggingface_hub.")):
+            return True
+        if record.levelno >= logging.ERROR:
+            return True
+        return not self.quiet and "thrown while requesting" not in record.getMessage()
+
+
 def setup(quiet, rank=0):
-    """Logging to stderr (info unless quiet; other ranks of a distributed job: errors only), and
-    stdout that prints what its encoding cannot hold (a non-UTF-8 file name) backslash-escaped."""
+    """Logging to stderr (info unless quiet; other ranks of a distributed job: errors only;
+    huggingface_hub: see _HubRecords), and stdout that prints what its encoding cannot hold (a
+    non-UTF-8 file name) backslash-escaped."""
     level = logging.ERROR if rank else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_HubRecords(quiet or rank))
+    logging.basicConfig(level=level, handlers=[handler])
     for client in ("httpx", "httpx2"):  # huggingface_hub's HTTP client logs every request at info level
         logging.getLogger(client).setLevel(max(level, logging.WARNING))
     if hasattr(sys.stdout, "reconfigure"):

@@ -29,6 +29,7 @@ case on a Pi after the first run, do not pay for its import.
 """
 
 import http.client
+import logging
 import os
 import re
 import tempfile
@@ -127,6 +128,8 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    _leave_hub_logging_to_the_application()
+
     what = f"{filename} of {repo_id}"
     endpoint = constants.ENDPOINT
     advice = (f"set HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT={MIRROR_EXAMPLE}) or pass --checkpoint PATH "
@@ -159,6 +162,20 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
     except Exception as err:  # the HTTP client's own errors (httpx or httpx2, by version), disk errors
         raise DownloadError(f"download of {what} from {endpoint} failed ({_root_cause(err)}); run again to "
                             f"retry, or {advice}") from None
+
+
+def _leave_hub_logging_to_the_application():
+    """huggingface_hub gives its logger a stderr handler of its own when it is imported, so in a
+    program that configures logging (our front ends do) each of its records, such as the warnings
+    of every retry, is printed twice. Without that handler its records go to the program's
+    handlers, or to Python's last-resort handler (warnings and above) in a program that configures
+    none: once either way."""
+    from huggingface_hub.utils import logging as hub_logging  # adds that handler when first imported
+
+    logger = hub_logging.get_logger()  # the library's root logger, "huggingface_hub"
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler:  # the one it adds; a FileHandler or the like is someone's choice
+            logger.removeHandler(handler)
 
 
 def _http_error(err, what: str, repo_id: str, endpoint: str, advice: str) -> DownloadError:
