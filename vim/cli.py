@@ -4,7 +4,8 @@ convention, logging and stdout set-up.
 Exit codes: 0 success, 1 failed (training), 2 usage error (argparse's), 3 checkpoint could not be
 fetched or loaded, 4 input data failed (some images, the dataset, or a video source), 130
 interrupted (a stream that Ctrl-C ends is not: infer_rpi.py treats it as the end of its input).
-Predictable problems end with one line on stderr, never a traceback.
+Predictable problems end with one line on stderr, never a traceback; a closed stdout (| head)
+ends a front end quietly with status 0.
 """
 
 import logging
@@ -145,9 +146,19 @@ def exit_status(error):
 
 def run(parser, work, *, prefix=lambda: "error"):
     """Call `work()` and return its exit status; our errors become one line on stderr, after
-    `prefix()`, and their exit code (a ConfigError is a usage error: argparse's message, exit 2)."""
+    `prefix()`, and their exit code (a ConfigError is a usage error: argparse's message, exit 2).
+    A reader of stdout that went away (| head) ends it quietly with status 0, whatever the
+    output mode: the reader stopped because it had what it wanted."""
     try:
-        return work()
+        status = work()
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        return status
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would fail the same way: the rest goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
     except ConfigError as error:
         parser.error(str(error))
     except (CheckpointError, DownloadError, ImageError, DatasetError, SampleError, SourceError,

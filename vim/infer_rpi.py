@@ -311,11 +311,7 @@ def main(argv=None) -> int:
 
     def work():
         if args.video is not None or args.paths_from is not None:
-            try:
-                return run_video(args) if args.video is not None else run_paths(args)
-            except BrokenPipeError:  # the reader of stdout is gone (| head): the stream has no one to serve
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                return cli.EXIT_OK
+            return run_video(args) if args.video is not None else run_paths(args)
         report, status = run(args)
         if args.json:
             print(json.dumps(report, indent=2))
