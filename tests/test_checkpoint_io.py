@@ -61,13 +61,17 @@ def test_round_trip_every_layout(tmp_path, layout):
     torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)
 
 
-def test_saved_file_permissions_follow_the_umask(tmp_path):
-    previous = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
+def test_saved_file_permissions_follow_the_umask_which_is_never_changed(tmp_path, monkeypatch, umask):
+    previous = os.umask(umask)
     try:
+        # Setting the umask, even for a moment, races with every other thread that creates a file.
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("os.umask was called"))
         checkpoint_io.save_checkpoint(tmp_path / "m.pth", _model())
     finally:
+        monkeypatch.undo()
         os.umask(previous)
-    assert (tmp_path / "m.pth").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m.pth").stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]  # no temporary file left
 
 

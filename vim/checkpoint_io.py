@@ -20,7 +20,6 @@ import operator
 import os
 import pickle
 import pickletools
-import tempfile
 import warnings
 import zipfile
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from vim_rpi import paths
 from vim_rpi.errors import CheckpointError, DamagedCheckpointError
-from vim_rpi.hub import publish_temp_file
+from vim_rpi.temp_files import make_temp_file
 
 __all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "read_state_dict", "infer_architecture",
            "checkpoint_filter_fn", "load_into", "model_record", "save_checkpoint", "save_weights"]
@@ -284,14 +283,14 @@ def model_record(model):
 def _atomic_save(obj, path):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    fd, tmp = make_temp_file(directory, prefix=".tmp-", suffix=".pth")
     os.close(fd)
     try:
         try:
             torch.save(obj, tmp)
         except RuntimeError as exc:  # torch's zip writer reports a full disk this way
             raise OSError(f"cannot write {path}: {exc}") from None
-        publish_temp_file(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise

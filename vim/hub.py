@@ -32,7 +32,6 @@ import http.client
 import logging
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -42,9 +41,9 @@ from pathlib import Path
 from vim_rpi import paths, registry
 from vim_rpi.errors import DownloadError
 from vim_rpi.progress import progress_bar
+from vim_rpi.temp_files import make_temp_file
 
-__all__ = ["HUB_PREFIX", "DownloadError", "default_cache_dir", "hub_reference", "is_remote", "fetch_checkpoint",
-           "publish_temp_file"]
+__all__ = ["HUB_PREFIX", "DownloadError", "default_cache_dir", "hub_reference", "is_remote", "fetch_checkpoint"]
 
 HUB_PREFIX = "hf-hub:"
 CACHE_ENV = "VIM_RPI_CACHE"
@@ -227,7 +226,7 @@ def _download(url: str, dest: Path, progress: bool):
     with response:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+            fd, tmp = make_temp_file(dest.parent, prefix=f".{dest.name}.", suffix=".part")
         except OSError as e:
             raise DownloadError(
                 f"cannot write to the checkpoint cache {dest.parent} ({e.strerror or e}); "
@@ -237,7 +236,7 @@ def _download(url: str, dest: Path, progress: bool):
             with os.fdopen(fd, "wb") as out:
                 _receive(response, out, url, dest.name if progress else None)
             _check_looks_like_checkpoint(tmp, url)
-            publish_temp_file(tmp, dest)
+            os.replace(tmp, dest)
         except OSError as e:  # read errors are DownloadErrors already, so this is the disk
             Path(tmp).unlink(missing_ok=True)
             raise DownloadError(f"cannot write the checkpoint to {dest.parent}: {e.strerror or e}") from e
@@ -326,15 +325,6 @@ def _resumed_from(response):
         return 0
     match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
     return int(match.group(1)) if match else None
-
-
-def publish_temp_file(tmp, dest):
-    """Rename the finished temporary file `tmp` to `dest`, first giving it the permissions a
-    newly created file gets (mkstemp makes 0600: a checkpoint should read like any file)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, dest)
 
 
 # torch.save writes a zip archive; files from torch < 1.6 start with a pickle protocol opcode.
