@@ -29,8 +29,8 @@ _STATUS = ((ConfigError, EXIT_USAGE), (CheckpointError, EXIT_CHECKPOINT), (Downl
 
 EXIT_CODES_HELP = f"""\
 exit status:
-  {EXIT_OK} success, {EXIT_FAILED} failed (training), {EXIT_USAGE} usage error, {EXIT_CHECKPOINT} checkpoint could not be \
-fetched or loaded,
+  {EXIT_OK} success (also when the reader of stdout stops early, | head), {EXIT_FAILED} failed (training),
+  {EXIT_USAGE} usage error, {EXIT_CHECKPOINT} checkpoint could not be fetched or loaded,
   {EXIT_DATA} input data failed (some images, or the dataset: the others are still processed; a video source),
   {EXIT_INTERRUPTED} interrupted (except a stream, which Ctrl-C ends like the end of its input).
 """
