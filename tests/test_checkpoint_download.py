@@ -98,7 +98,7 @@ def test_local_path_is_returned_and_missing_path_named(tmp_path):
     assert fetch_checkpoint(ckpt) == ckpt
     with pytest.raises(DownloadError, match="not found: .*nope.pth"):
         fetch_checkpoint(tmp_path / "nope.pth")
-    with pytest.raises(DownloadError, match="not a file"):
+    with pytest.raises(DownloadError, match="a directory, not a regular file"):
         fetch_checkpoint(tmp_path)
 
 
