@@ -695,28 +695,33 @@ def image_paths(path, recursive=False):
 
 
 def _scan(directory, recursive, entries):
-    """Append the entries of `directory` (and of its sub-directories, with `recursive`) to `entries`."""
-    try:
-        with os.scandir(directory) as listing:
-            children = list(listing)
-    except OSError as error:
-        entries.append(PathEntry(directory, f"{directory}: cannot list this directory: {paths.cause(directory, error)}"))
-        return
-    for child in children:
+    """Append the entries of `directory` (and of its sub-directories, with `recursive`) to
+    `entries`; a loop, not recursion, however deep the tree."""
+    pending = [directory]
+    while pending:
+        directory = pending.pop()
         try:
-            is_directory = child.is_dir(follow_symlinks=False)
-        except OSError:  # unknown type and no lstat allowed: treat it like a file, its stat says why
-            is_directory = False
-        if is_directory:
-            if recursive:
-                _scan(child.path, recursive, entries)
+            with os.scandir(directory) as listing:
+                children = list(listing)
+        except OSError as error:
+            entries.append(PathEntry(directory, f"{directory}: cannot list this directory: "
+                                                f"{paths.cause(directory, error)}"))
             continue
-        if os.path.splitext(child.name)[1].lower() not in IMG_EXTENSIONS:
-            continue
-        problem, mode = paths.stat_path(child.path)
-        if problem is None and stat.S_ISDIR(mode):  # a symbolic link to a directory: not descended
-            continue
-        entries.append(PathEntry(child.path, problem or paths.not_regular(child.path, mode)))
+        for child in children:
+            try:
+                is_directory = child.is_dir(follow_symlinks=False)
+            except OSError:  # unknown type and no lstat allowed: treat it like a file, its stat says why
+                is_directory = False
+            if is_directory:
+                if recursive:
+                    pending.append(child.path)
+                continue
+            if os.path.splitext(child.name)[1].lower() not in IMG_EXTENSIONS:
+                continue
+            problem, mode = paths.stat_path(child.path)
+            if problem is None and stat.S_ISDIR(mode):  # a symbolic link to a directory: not descended
+                continue
+            entries.append(PathEntry(child.path, problem or paths.not_regular(child.path, mode)))
 
 
 def read_paths(stream):
