@@ -508,11 +508,16 @@ def test_image_paths_never_raises_and_never_opens(tmp_path):
     assert entries[1].problem == f"{tmp_path / 'pipe.jpg'}: a FIFO (named pipe), not a regular file; give the path of a file"
     assert entries[2].problem is None  # an empty file is the classifier's to report
     deep = bottom = tmp_path / "deep"
-    for _ in range(sys.getrecursionlimit() + 100):  # deeper than a recursive walk could go
+    for _ in range(600):
         bottom.mkdir()
         bottom = bottom / "d"
     (bottom.parent / "z.png").write_bytes(b"")
-    found = streams.image_paths(deep, True)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)  # a tree deeper than a recursive walk could go (pytest's cleanup still can)
+    try:
+        found = streams.image_paths(deep, True)
+    finally:
+        sys.setrecursionlimit(limit)
     assert len(found) == 1 and found[0] == (str(bottom.parent / "z.png"), None)
 
 

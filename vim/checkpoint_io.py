@@ -57,7 +57,7 @@ def read_checkpoint(path, *, trust_pickle=False):
     with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
         # torch warns that its safe loader may not read a pickle of protocol 4 or later: the
         # refusal below says so in its one line
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch.serialization")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # torch.serialization or its unpickler
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
