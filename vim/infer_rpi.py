@@ -157,6 +157,7 @@ def load(args) -> Classifier:
         _log.warning("--trust-checkpoint: unpickling the checkpoint may run code from it")
     return Classifier(args.checkpoint, args.model, threads=args.threads, quantize=args.quantize,
                       input_size=args.input_size, exact_preprocess=args.exact_preprocess, backend=args.backend,
+                      max_image_mb=args.max_image_mb,
                       device=args.device, ema=args.ema, trust_checkpoint=args.trust_checkpoint,
                       progress=not args.quiet, warmup=False)
 
