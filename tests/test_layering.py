@@ -3,6 +3,7 @@ layers below its own (imports inside functions count too), so there is no cycle;
 packages never import upward; nothing edits the import path outside the emulated-Pi plumbing."""
 
 import ast
+import re
 import pathlib
 
 import pytest
@@ -100,3 +101,77 @@ def test_no_import_path_edits():
                  for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".sh") and p not in allowed
                  and needle in p.read_text()]
     assert not offenders
+
+
+# ---- the kernel packages --------------------------------------------------------------------------
+
+KERNEL_SOURCES = {"causal_conv1d": REPO / "causal-conv1d" / "causal_conv1d", "mamba_ssm": REPO / "mamba-1p1p1" / "mamba_ssm"}
+# The one module per package that reads environment variables.
+ENV_MODULES = {"causal_conv1d": "backends.py", "mamba_ssm": "env.py"}
+# Pending: the numba cache's directories (NUMBA_CACHE_DIR, XDG_CACHE_HOME) are read in
+# ops/kernel_cache.py until it reads them through mamba_ssm.env.
+ENV_PENDING = {"cache_dirs"}
+# Machinery beside the ops: the on-disk cache of compiled kernels is handed the function that
+# compiles a kernel set (called once per machine, never per op call).
+NOT_OPS = {"kernel_cache.py"}
+
+
+def test_the_lower_kernel_package_never_names_the_upper_one():
+    """causal_conv1d knows nothing of mamba_ssm: not its name, not its selective-scan family (its
+    kernel sets, variables or numba kernels), not even in a comment."""
+    for path in KERNEL_SOURCES["causal_conv1d"].rglob("*.py"):
+        text = path.read_text().lower()
+        for name in ("mamba_ssm", "selective_scan"):
+            assert name not in text, f"{path.relative_to(REPO)} names {name}"
+
+
+def _functions(tree):
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+
+
+@pytest.mark.parametrize("folder", [KERNEL_SOURCES["causal_conv1d"], KERNEL_SOURCES["mamba_ssm"] / "ops"])
+def test_ops_never_call_back(folder):
+    """Ops take tensors (and names): no function of the kernel layers calls one of its own
+    parameters, so a module cannot hand an op a callback (a closure over its layers, a builder of
+    its constants)."""
+    offenders = []
+    for path in folder.rglob("*.py"):
+        if path.name in NOT_OPS:
+            continue
+        for function in _functions(ast.parse(path.read_text(), str(path))):
+            args = function.args
+            params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+            params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
+            params -= {"self", "cls", "ctx"}  # methods of objects, autograd's context
+            called = {n.func.id for n in ast.walk(function) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+            if called & params:
+                name = getattr(function, "name", "<lambda>")
+                offenders.append(f"{path.relative_to(REPO)}:{function.lineno} {name} calls {sorted(called & params)}")
+    assert not offenders
+
+
+@pytest.mark.parametrize("package", sorted(KERNEL_SOURCES))
+def test_environment_is_read_in_one_module_per_package(package):
+    readers = set()
+    for path in KERNEL_SOURCES[package].rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        enclosing = {}  # node -> name of the innermost function around it
+        for function in sorted(_functions(tree), key=lambda f: (f.lineno, f.col_offset)):
+            for node in ast.walk(function):
+                enclosing[node] = getattr(function, "name", "<lambda>")
+        for node in ast.walk(tree):
+            reads = (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")) or (
+                isinstance(node, ast.Name) and node.id in ("environ", "getenv"))
+            where = enclosing.get(node, "<module>")
+            if reads and path.name != ENV_MODULES[package] and where not in ENV_PENDING:
+                readers.add(f"{path.relative_to(REPO)}:{where}")
+    assert not readers, f"only {package}/{ENV_MODULES[package]} reads the environment"
+
+
+def test_the_lower_package_reads_only_its_own_variables():
+    """Every environment variable causal_conv1d names is one of its own (CAUSAL_CONV1D_*)."""
+    pattern = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
+    for path in KERNEL_SOURCES["causal_conv1d"].rglob("*.py"):
+        names = {n.value for n in ast.walk(ast.parse(path.read_text(), str(path)))
+                 if isinstance(n, ast.Constant) and isinstance(n.value, str) and pattern.fullmatch(n.value)}
+        assert all(name.startswith("CAUSAL_CONV1D_") for name in names), (path.relative_to(REPO), names)

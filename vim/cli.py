@@ -14,6 +14,7 @@ import os
 import sys
 
 from causal_conv1d import backends
+from mamba_ssm import env
 from vim_rpi import image_budget, registry
 from vim_rpi.errors import (CheckpointError, ConfigError, DatasetError, DownloadError, ImageError, SampleError,
                             SourceError, TrainingError)
@@ -101,8 +102,8 @@ def add_runtime_arguments(parser):
     parser.add_argument("--device", default="cpu", metavar="DEV",
                         help="cpu, or cuda where a CUDA build of torch finds a GPU [%(default)s]")
     parser.add_argument("--backend", choices=backends.BACKENDS, default="auto",
-                        help="kernel backend: auto picks per call (upstream's CUDA kernels for CUDA "
-                             "tensors, numba or torch on the CPU) [%(default)s]")
+                        help="kernel backend: auto picks the model's kernels at load (upstream's CUDA "
+                             "kernels for a CUDA device, numba or torch on the CPU) [%(default)s]")
 
 
 def check_environment(parser, args):
@@ -111,7 +112,7 @@ def check_environment(parser, args):
     try:
         if getattr(args, "model", None) is not None:
             registry.resolve_model_name(args.model)
-        backends.cpu_scan_setting()
+        env.cpu_backend()
     except ValueError as error:
         parser.error(str(error))
     for flag in ("threads", "input_size"):
