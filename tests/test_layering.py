@@ -108,9 +108,6 @@ def test_no_import_path_edits():
 KERNEL_SOURCES = {"causal_conv1d": REPO / "causal-conv1d" / "causal_conv1d", "mamba_ssm": REPO / "mamba-1p1p1" / "mamba_ssm"}
 # The one module per package that reads environment variables.
 ENV_MODULES = {"causal_conv1d": "backends.py", "mamba_ssm": "env.py"}
-# Pending: the numba cache's directories (NUMBA_CACHE_DIR, XDG_CACHE_HOME) are read in
-# ops/kernel_cache.py until it reads them through mamba_ssm.env.
-ENV_PENDING = {"cache_dirs"}
 # Machinery beside the ops: the on-disk cache of compiled kernels is handed the function that
 # compiles a kernel set (called once per machine, never per op call).
 NOT_OPS = {"kernel_cache.py"}
@@ -163,7 +160,7 @@ def test_environment_is_read_in_one_module_per_package(package):
             reads = (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")) or (
                 isinstance(node, ast.Name) and node.id in ("environ", "getenv"))
             where = enclosing.get(node, "<module>")
-            if reads and path.name != ENV_MODULES[package] and where not in ENV_PENDING:
+            if reads and path.name != ENV_MODULES[package]:
                 readers.add(f"{path.relative_to(REPO)}:{where}")
     assert not readers, f"only {package}/{ENV_MODULES[package]} reads the environment"
 

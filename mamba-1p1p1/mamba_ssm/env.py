@@ -12,9 +12,13 @@ a model's forward.
       under backend "auto": the selective scan and the kernels built on it, Vim's fused v2 mixer
       and the block's add + RMSNorm that runs beside it (one switch: the fused mixer and norm
       come from one compiled module, `ops.bimamba_v2_numba`).
+  NUMBA_CACHE_DIR  numba's own variable: where the compiled kernels are cached (alone; see
+      `ops.kernel_cache`), read when the kernels are first loaded;
+  XDG_CACHE_HOME  the user's cache directory [~/.cache], where they go otherwise.
 """
 
 import os
+import pathlib
 
 from causal_conv1d.backends import is_true
 
@@ -35,3 +39,15 @@ def cpu_backend():
     if value not in CPU_BACKENDS:
         raise ValueError(f"{CPU_BACKEND_ENV} must be one of {', '.join(CPU_BACKENDS)}, got {value!r}")
     return value
+
+
+def numba_cache_dir():
+    """NUMBA_CACHE_DIR as a path, or None when it is unset or empty."""
+    value = os.environ.get("NUMBA_CACHE_DIR")
+    return pathlib.Path(value) if value else None
+
+
+def user_cache_dir():
+    """$XDG_CACHE_HOME, else ~/.cache. Raises RuntimeError or KeyError when there is no home
+    directory (a service without HOME or a passwd entry)."""
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
