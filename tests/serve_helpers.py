@@ -130,9 +130,9 @@ def multipart(fields, boundary=None):
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
-def read_answer(sock):
+def read_answer(sock, method="GET"):
     """Parse an HTTP answer from a connected socket -> (status, headers, raw body)."""
-    response = http.client.HTTPResponse(sock)
+    response = http.client.HTTPResponse(sock, method=method)
     response.begin()
     return response.status, response.headers, response.read()
 

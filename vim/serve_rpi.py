@@ -162,16 +162,19 @@ def listen(host, port):
 
 def _listen_early(argv):
     """Bind the port before the package (and torch) is imported -> socket, or None when the
-    address cannot be read yet (--help, a malformed option: the full parser says so)."""
+    full parser is to speak first (--help, a malformed option, a LAN address without a token)."""
     if {"-h", "--help"} & set(argv):
         return None
     parser = _Lenient(add_help=False)
     add_server_arguments(parser)
     try:
         args, _ = parser.parse_known_args(argv)
-    except ValueError:
+        from vim_rpi.access import is_loopback
+    except (ValueError, ModuleNotFoundError):
         return None
-    return listen(args.host, args.port) if 0 <= args.port <= 65535 else None
+    if not 0 <= args.port <= 65535 or not (is_loopback(args.host) or args.token or args.insecure_no_token):
+        return None
+    return listen(args.host, args.port)
 
 
 def _raise_open_file_limit(max_connections):
