@@ -216,7 +216,9 @@ def test_an_upload_slower_than_the_upload_timeout_gets_408(server, files):
 
 def _answered(sock):
     """True once the server has sent something on `sock` (or closed it)."""
-    return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def test_one_log_line_per_request_without_image_content(server, files):
