@@ -37,8 +37,8 @@ def _peak_while_reading(body, headers):
     async def read():
         tracemalloc.start()
         try:
-            data = await read_image(StreamedRequest(body, headers), limit=2 * SIZE, idle_s=5,
-                                    claim=UploadSlots(1).claim())
+            data = await read_image(StreamedRequest(body, headers), limit=2 * SIZE, idle_s=5, total_s=60,
+                                    stopped=asyncio.Event(), claim=UploadSlots(1).claim())
             return data, tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -69,14 +69,15 @@ def test_a_body_over_the_limit_and_a_slot_taken_are_refused():
     assert holder.take()
     request = StreamedRequest(b"x" * 10, {})
     with pytest.raises(UploadError) as refused:
-        asyncio.run(read_image(request, limit=100, idle_s=5, claim=slots.claim()))
+        asyncio.run(read_image(request, limit=100, idle_s=5, total_s=60, stopped=asyncio.Event(), claim=slots.claim()))
     assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
     holder.release()
     holder.release()  # once only
     assert slots.in_use == 0
     claim = slots.claim()
     with pytest.raises(UploadError) as refused:
-        asyncio.run(read_image(StreamedRequest(b"x" * 101, {}), limit=100, idle_s=5, claim=claim))
+        asyncio.run(read_image(StreamedRequest(b"x" * 101, {}), limit=100, idle_s=5, total_s=60, stopped=asyncio.Event(),
+                               claim=claim))
     assert refused.value.status == 413 and slots.in_use == 1  # the caller frees it (the route does)
     claim.release()
     assert slots.in_use == 0

@@ -268,8 +268,11 @@ def test_16_near_limit_uploads_stay_within_uploads_x_max_upload(files, capsys):
                 pass
         statuses = sorted(read_answer(sock)[0] for sock in socks)
         peak = srv.memory_mb("VmHWM")
+        until(lambda: _info(srv)["uploading"] == 0, "the uploads to be freed")
+        after = srv.memory_mb()
         report(capsys, f"16 concurrent 4 MB uploads (--uploads 8): RSS {before:.0f} MB before, {holding:.0f} MB "
-                       f"holding them, peak {peak:.0f} MB (+{peak - before:.0f} MB; bound 8 x 4 MB); statuses {statuses}")
+                       f"holding them, peak {peak:.0f} MB (+{peak - before:.0f} MB; bound 8 x 4 MB), {after:.0f} MB "
+                       f"after; statuses {statuses}")
         assert statuses == [422] * 8 + [503] * 8
         assert peak - before <= 8 * 4 * 1.25 + 16
     finally:

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from vim_rpi.classifier import Prediction
+from vim_rpi.errors import ImageError
 
 __all__ = ["Batcher", "QueueFull", "NotReady", "ShuttingDown"]
 
@@ -71,6 +72,13 @@ class _Job:
         callback, self.on_release, self.data = self.on_release, None, None
         if callback is not None:
             callback()
+
+
+def _without_frames(error):
+    """`error` without its traceback and the exceptions it was raised from: their frames hold
+    the image's bytes (and whatever the decoder made of them) for as long as the error lives."""
+    error.__cause__ = error.__context__ = None
+    return error.with_traceback(None)
 
 
 def _settle(future, result=None, error=None):
@@ -176,6 +184,17 @@ class Batcher:
             job.release()
         for job in leftover:
             _settle(job.future, error=ShuttingDown("the server shut down before this request ran"))
+        for thread in self._threads:  # e.g. a model still loading: its outcome is reported (within the grace)
+            if thread.is_alive():
+                thread.join(max(deadline - time.monotonic(), 0))
+
+    def join(self):
+        """After close(): wait until the threads have finished what they were running (a forward
+        or a decode whose request was already failed). A process must not exit while torch
+        computes in one of them."""
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join()
 
     def _decode_loop(self):
         """Decoder thread: take the oldest submitted job, bytes -> tensor, hand it to the worker."""
@@ -198,7 +217,9 @@ class Batcher:
             start = time.perf_counter()
             try:
                 job.tensor = self.classifier.preprocess(job.data)
-            except Exception as failure:  # ImageError, or anything unforeseen: this request fails alone
+            except ImageError as failure:  # the client's image: the message is all that is needed
+                error = _without_frames(failure)
+            except Exception as failure:  # anything unforeseen: this request fails alone
                 error = failure
             job.preprocess_ms = (time.perf_counter() - start) * 1e3
         job.release()
@@ -211,6 +232,7 @@ class Batcher:
             self._lock.notify_all()
         if error is not None:
             _settle(job.future, error=error)
+            del error  # no cycle from this frame through the traceback to the exception
 
     def _run(self):
         """Worker thread: load the model, then run batches until closed and drained."""

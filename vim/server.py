@@ -171,21 +171,21 @@ class _AccessLog:
                       (time.perf_counter() - start) * 1e3)
 
 
-async def _first(work, stopped, gone=None):
-    """The result of awaitable `work`, unless the event `stopped` is set first (503: the
-    server's grace period is over) or the awaitable `gone` (the client left) completes (400).
-    `work` is cancelled whatever ends the wait, also when this task is cancelled."""
-    work = asyncio.ensure_future(work)
-    watchers = [asyncio.ensure_future(stopped.wait())] + ([asyncio.ensure_future(gone)] if gone else [])
+async def _result(future, stopped, request):
+    """The result of a batcher future, unless the event `stopped` is set first (503: the
+    server's grace period is over) or the client disconnects (400, answered to no one). The
+    future is cancelled whatever ends the wait, so an abandoned image never reaches the model."""
+    result = asyncio.wrap_future(future)
+    watchers = [asyncio.ensure_future(stopped.wait()), asyncio.ensure_future(_until_disconnected(request))]
     try:
-        await asyncio.wait([work, *watchers], return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
+        await asyncio.wait([result, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        if result.done():
+            return result.result()
         if stopped.is_set():
             raise _stopping("the server shut down before this request ran; retry when it is back")
         raise ApiError(400, "the client disconnected before the answer")
-    finally:
-        for task in (work, *watchers):
+    finally:  # also when this task is cancelled
+        for task in (result, *watchers):
             task.cancel()
 
 
@@ -219,6 +219,7 @@ def create_app(settings: Settings) -> FastAPI:
         batcher.start()
         yield
         await drain()
+        await asyncio.get_running_loop().run_in_executor(None, batcher.join)  # answered; now let torch finish
 
     app = FastAPI(title="Vision Mamba (Vim) image classification", version=vim_rpi.__version__,
                   lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -283,13 +284,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise _busy("the queue is full; retry shortly")
         claim = slots.claim()
         try:
-            data = await asyncio.wait_for(_first(read_image(request, limit=limit, idle_s=settings.upload_idle_s, claim=claim), stopped),
-                                          settings.upload_timeout_s)
+            data = await read_image(request, limit=limit, idle_s=settings.upload_idle_s,
+                                    total_s=settings.upload_timeout_s, stopped=stopped, claim=claim)
             future = batcher.submit(data, topk, on_release=claim.release)
-        except asyncio.TimeoutError:
-            claim.release()
-            raise ApiError(408, f"the upload took longer than {settings.upload_timeout_s:g} s "
-                                f"(--upload-timeout-s)") from None
         except QueueFull:
             claim.release()
             raise _busy("the queue is full; retry shortly") from None
@@ -301,7 +298,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise
         del data  # the batcher holds the only reference now: it frees the bytes and the slot once decoded
         try:
-            prediction = await _first(asyncio.wrap_future(future), stopped, _until_disconnected(request))
+            prediction = await _result(future, stopped, request)
         except ImageTooLargeError as error:
             raise ApiError(413, str(error)) from None
         except ImageError as error:

@@ -2,7 +2,7 @@
 
     slots = UploadSlots(8)
     claim = slots.claim()
-    data = await read_image(request, limit=20 * 2**20, idle_s=10, claim=claim)   # bytes
+    data = await read_image(request, limit=20 * 2**20, idle_s=10, total_s=60, stopped=event, claim=claim)
     batcher.submit(data, topk, on_release=claim.release)                          # frees the slot once decoded
 
 The image is the raw request body, or the multipart form field "image". What one upload can
@@ -12,7 +12,8 @@ take is bounded before it takes it:
   BytesIO.getvalue returns its own buffer), so bodies in memory stay below uploads x limit;
 - an upload slot, taken with the first body byte (a client that sends headers and then nothing
   holds none) and freed once the image is decoded or the request ends; none free: 503;
-- time: a body that sends nothing for `idle_s` gets 408 (the caller bounds the total time).
+- time: a body that sends nothing for `idle_s`, or takes longer than `total_s`, gets 408; one
+  still coming when the server stops gets 503.
 Refusals are UploadError (an HTTP status, a message, extra headers); the server answers them
 as JSON. It reads the ASGI messages of a Starlette `Request` (receive, headers).
 """
@@ -141,11 +142,13 @@ class _ImageField:
             self.body, self.found, self._current = self._current, True, None
 
 
-async def read_image(request, *, limit, idle_s, claim):
+async def read_image(request, *, limit, idle_s, total_s, stopped, claim):
     """The uploaded image's bytes: the raw body, or the multipart field "image". Refuses a body
     above `limit` bytes by Content-Length before reading and by counting while streaming (413),
-    one that sends nothing for `idle_s` (408); takes the upload slot of `claim` with the first
-    body byte (503 when none is free)."""
+    one that sends nothing for `idle_s` or takes longer than `total_s` in all (408), and one
+    still coming when the asyncio.Event `stopped` is set (503: the server is stopping); takes
+    the upload slot of `claim` with the first body byte (503 when none is free). The bytes are
+    referenced from this coroutine only (no task result keeps them once the caller lets go)."""
     length = request.headers.get("content-length")
     if length is not None:
         if not (length.isascii() and length.isdigit()):
@@ -154,6 +157,8 @@ async def read_image(request, *, limit, idle_s, claim):
             raise UploadError(413, f"upload of {int(length)} bytes is above the limit of {limit} bytes (--max-upload-mb)")
     expected = int(length) if length is not None else 0
     content_type, options = parse_options_header(request.headers.get("content-type"))
+    deadline = asyncio.get_running_loop().time() + total_s
+    stopping = asyncio.ensure_future(stopped.wait())
     total = 0
     try:
         if content_type == b"multipart/form-data":
@@ -163,10 +168,7 @@ async def read_image(request, *, limit, idle_s, claim):
         else:
             sink = _Body(expected)
         while True:
-            try:
-                message = await asyncio.wait_for(request.receive(), idle_s)
-            except asyncio.TimeoutError:
-                raise UploadError(408, f"the upload sent nothing for {idle_s:g} s (--upload-idle-s)") from None
+            message = await _receive(request, stopping, deadline, idle_s, total_s)
             if message["type"] == "http.disconnect":
                 raise UploadError(400, "the client disconnected during the upload")
             chunk = message.get("body", b"")
@@ -184,4 +186,25 @@ async def read_image(request, *, limit, idle_s, claim):
                                 f"{IMAGE_FIELD!r}")
     except ValueError as error:  # python_multipart's errors: a malformed body, a boundary over 256 bytes
         raise UploadError(400, f"malformed multipart body: {error}") from None
+    finally:
+        stopping.cancel()
     return data
+
+
+async def _receive(request, stopping, deadline, idle_s, total_s):
+    """The next ASGI message of the request, within the idle and total limits, unless the
+    task `stopping` completes first."""
+    loop = asyncio.get_running_loop()
+    receiving = asyncio.ensure_future(request.receive())
+    try:
+        await asyncio.wait({receiving, stopping}, timeout=max(min(idle_s, deadline - loop.time()), 0),
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        receiving.cancel()  # nothing if it is done
+    if stopping.done():
+        raise UploadError(503, "the server is shutting down; retry when it is back", {"Retry-After": "5"})
+    if receiving.done():
+        return receiving.result()
+    if loop.time() >= deadline:
+        raise UploadError(408, f"the upload took longer than {total_s:g} s (--upload-timeout-s)")
+    raise UploadError(408, f"the upload sent nothing for {idle_s:g} s (--upload-idle-s)")
