@@ -258,6 +258,7 @@ def main(argv=None) -> int:
         classifier_options=dict(checkpoint=args.checkpoint, model=args.model, threads=args.threads,
                                 quantize=args.quantize, input_size=args.input_size,
                                 exact_preprocess=args.exact_preprocess, backend=args.backend, device=args.device,
+                                max_image_mb=args.max_image_mb,
                                 ema=args.ema, trust_checkpoint=args.trust_checkpoint),
         token=args.token, host=args.host, allowed_hosts=_split(args.allowed_hosts),
         allowed_origins=_split(args.allowed_origins), queue=args.queue, max_batch=args.max_batch,
