@@ -23,7 +23,7 @@ LAYERS = [
     {"serve_rpi"},
 ]
 # The web framework is optional (scripts/requirements-serve.txt): only the server may import it.
-WEB_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "multipart", "pydantic")
+WEB_PACKAGES = ("fastapi", "starlette", "uvicorn", "h11", "python_multipart", "multipart", "pydantic")
 WEB_MODULES = {"server", "serve_rpi", "access", "connections", "uploads"}
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

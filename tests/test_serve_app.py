@@ -1,9 +1,10 @@
 """The server's pieces in-process: an upload is kept in one buffer (Python's allocations traced
-while it streams in), and the app's answers to what the decoder raises (a stub Classifier,
-driven through ASGI without a network)."""
+while it streams in), the app's answers to what the decoder raises (a stub Classifier, driven
+through ASGI without a network), the Host names of an address, and token comparison."""
 
 import asyncio
 import json
+import socket
 import tracemalloc
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the server's packages: pip install -r scripts/requirements-serve.txt")
 
 from vim_rpi import server as server_module  # noqa: E402
+from vim_rpi.access import host_names, is_loopback, token_matches  # noqa: E402
 from vim_rpi.errors import ImageError, ImageTooLargeError  # noqa: E402
 from vim_rpi.uploads import UploadError, UploadSlots, read_image  # noqa: E402
 
@@ -144,3 +146,22 @@ def test_decoder_errors_become_4xx_json(monkeypatch, raised, status):
     got_status, headers, body = asyncio.run(run())
     assert got_status == status and headers["content-type"] == "application/json"
     assert json.loads(body) == {"error": str(raised)}
+
+
+def test_the_host_names_of_an_address():
+    """Loopback: localhost and the address; a network address adds this machine's names."""
+    assert host_names("127.0.0.1", []) == {"localhost", "127.0.0.1"}
+    assert host_names("[::1]", ["Pi.Lan."]) == {"localhost", "::1", "pi.lan"}
+    assert host_names("0.0.0.0", ["*"]) is None
+    names = host_names("0.0.0.0", [])
+    assert {socket.gethostname().lower(), socket.gethostname().lower() + ".local", "localhost"} <= names
+    assert [is_loopback(h) for h in ("localhost", "127.0.0.2", "::1", "[::1]", "0.0.0.0", "192.168.1.2", "pi")] == [
+        True, True, True, True, False, False, False]
+
+
+def test_tokens_are_compared_as_utf8_bytes():
+    sent = "Bearer s3cret-ключ".encode().decode("latin-1")  # how the framework hands over the header's bytes
+    assert token_matches(sent, "s3cret-ключ") and token_matches("bearer  abc ", "abc")
+    assert not token_matches(sent, "s3cret-key")
+    for header in (None, "", "abc", "Basic abc", "Bearer abcd", "Bearer ab"):
+        assert not token_matches(header, "abc"), header

@@ -410,3 +410,36 @@ def test_bench_serve_runs_its_grid_and_prints_json(files):
     assert [(r["batching"], r["clients"]) for r in report["results"]] == [("on", 1), ("on", 2), ("off", 1), ("off", 2)]
     for row in report["results"]:
         assert row["requests"] == 3 and row["requests_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+
+
+def _unit(text):
+    """The [Service] settings of a systemd unit -> {key: [values]}."""
+    settings, section = {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_systemd_unit_fails_closed_and_bounds_files_and_memory(tmp_path):
+    """No token file: the unit does not start (no "EnvironmentFile=-"); no token in it: the
+    server refuses the LAN (tested above); open files and memory are capped; a usage error or a
+    busy port is not restarted for ever. systemd-analyze checks the file where it exists."""
+    text = (ROOT / "scripts" / "vim-serve.service").read_text()
+    service = _unit(text)
+    assert service["EnvironmentFile"] == ["/etc/default/vim-serve"]
+    exec_start = service["ExecStart"][0].split()
+    assert "--host" in exec_start and "--insecure-no-token" not in exec_start and "--token" not in exec_start
+    assert int(service["LimitNOFILE"][0]) >= 64 + 64  # --max-connections and the other files
+    assert service["MemoryMax"][0].endswith("M") and int(service["MemoryMax"][0][:-1]) <= 1024
+    assert set(service["RestartPreventExitStatus"][0].split()) == {"2", "5"}
+    if shutil.which("systemd-analyze"):
+        unit = tmp_path / "vim-serve.service"
+        unit.write_text(text.replace("/home/pi/vim-rpi/.venv/bin/python", sys.executable))
+        done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
