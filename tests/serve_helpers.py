@@ -84,6 +84,10 @@ class Server:
                 return int(line.split()[1]) / 1024
         raise AssertionError(f"no {field}")
 
+    def open_files(self):
+        """How many file descriptors the server holds now."""
+        return len(list(pathlib.Path(f"/proc/{self.process.pid}/fd").iterdir()))
+
     def reset_peak(self):
         """Start VmHWM afresh at the current RSS (Linux: clear_refs 5)."""
         pathlib.Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")

@@ -52,7 +52,8 @@ def guarded_protocol(*, head_timeout_s: float, max_connections: int):
 
         def connection_made(self, transport):
             super().connection_made(transport)  # joins self.connections
-            if len(self.connections) > max_connections and not self._evict_one():
+            closing = sum(1 for c in self.connections if c.transport.is_closing())
+            if len(self.connections) - closing > max_connections and not self._evict_one():
                 transport.write(_json_answer(503, "Service Unavailable", f"the server has {max_connections} "
                                             f"connections open, all busy; retry shortly", ["retry-after: 1"]))
                 transport.close()
@@ -63,7 +64,9 @@ def guarded_protocol(*, head_timeout_s: float, max_connections: int):
             idle = [c for c in self.connections if c is not self and c._head_timer is not None]
             if not idle:
                 return False
-            min(idle, key=lambda c: c._waiting_since).transport.close()
+            victim = min(idle, key=lambda c: c._waiting_since)
+            victim._stop_head_timer()  # no longer a candidate while its close completes
+            victim.transport.close()
             return True
 
         def _await_head(self):

@@ -28,7 +28,7 @@ _log = logging.getLogger("vim_rpi.serve")
 
 TOKEN_ENV = "VIM_SERVE_TOKEN"
 EXIT_LISTEN = 5  # the address cannot be listened on (port in use, no permission, not this machine's)
-BACKLOG = 128  # pending connections the kernel keeps; asyncio also tries this many accept()s per wake-up
+BACKLOG = 64  # pending connections the kernel keeps; asyncio also accepts up to this many per wake-up
 SPARE_FILES = 64  # descriptors besides the connections: the model's files, logs, pipes, the listening socket
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
@@ -181,8 +181,9 @@ def _listen_early(argv):
 
 def _raise_open_file_limit(max_connections):
     """Raise the soft limit on open files to what --max-connections needs (up to the hard
-    limit); warn if the hard limit is lower."""
-    needed = max_connections + SPARE_FILES
+    limit); warn if the hard limit is lower. A flood can hold two accept bursts of BACKLOG
+    sockets beyond the bound: the connections a burst evicts close on the next turn of the loop."""
+    needed = max_connections + 2 * BACKLOG + SPARE_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
