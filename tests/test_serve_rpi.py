@@ -317,7 +317,8 @@ def _chromium(tmp_path):
 def test_the_page_in_headless_chromium(server, guarded_server, files, tmp_path):
     """Opens /, uploads a generated image and waits for five labels and bars; then a file that
     is not an image: an error, and no card with a broken image. The docs page shows the
-    parameters' defaults; with a token, the page asks for it on load."""
+    parameters' defaults; with a token, the page asks for it on load, and a token that is not
+    ASCII works."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -348,6 +349,10 @@ def test_the_page_in_headless_chromium(server, guarded_server, files, tmp_path):
         driver.get(f"http://127.0.0.1:{guarded_server.port}/")
         wait.until(lambda d: d.find_element(By.ID, "model").text == "token required")
         assert driver.find_element(By.ID, "token-form").is_displayed()  # before any photo was tried
+        driver.find_element(By.ID, "token").send_keys(TOKEN)  # not ASCII: sent as its UTF-8 bytes
+        driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        wait.until(lambda d: "threads" in d.find_element(By.ID, "model").text)
+        assert not driver.find_element(By.ID, "token-form").is_displayed()
     finally:
         driver.quit()
 

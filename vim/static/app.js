@@ -10,7 +10,11 @@ let pending = null;  // the file waiting for a token
 
 function headers() {
   const token = localStorage.getItem(TOKEN_KEY);
-  return token ? { Authorization: "Bearer " + token } : {};
+  if (!token) return {};
+  // A header value may only hold characters up to U+00FF, sent as one byte each: spell the
+  // token's UTF-8 bytes that way, which is how the server compares it.
+  const utf8 = String.fromCharCode(...new TextEncoder().encode(token));
+  return { Authorization: "Bearer " + utf8 };
 }
 
 function status(text, isError) {
