@@ -204,14 +204,14 @@ def create_app(settings: Settings) -> FastAPI:
     limit = int(settings.max_upload_mb * 2**20)
     slots = UploadSlots(settings.uploads)
     stopped = asyncio.Event()  # the grace period is over: requests still waiting get 503
-    draining = []
+    closing = None  # batcher.close running in a thread, once shutdown has begun
 
     async def drain():
         """Refuse new work, let queued requests finish within grace_s, then answer the rest 503."""
-        if not draining:
-            draining.append(asyncio.ensure_future(
-                asyncio.get_running_loop().run_in_executor(None, batcher.close, settings.grace_s)))
-        await asyncio.shield(draining[0])
+        nonlocal closing
+        if closing is None:
+            closing = asyncio.get_running_loop().run_in_executor(None, batcher.close, settings.grace_s)
+        await asyncio.shield(closing)
         stopped.set()
 
     @contextlib.asynccontextmanager
@@ -252,7 +252,7 @@ def create_app(settings: Settings) -> FastAPI:
         _log.error("unexpected %s: %s", type(exc).__name__, exc)
         return _error(500, "internal server error")
 
-    def require_token(request: Request):
+    async def require_token(request: Request):  # async: a plain function would take a worker thread per request
         """Dependency of /v1/*: the bearer token, when one is set."""
         if settings.token and not token_matches(request.headers.get("authorization"), settings.token):
             raise ApiError(401, "missing or wrong token: send the header Authorization: Bearer <token>",
