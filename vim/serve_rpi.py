@@ -148,7 +148,9 @@ class _Lenient(argparse.ArgumentParser):
 def listen(host, port):
     """The listening socket on host:port -> socket, or OSError (one line: what to do)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (accepted ones
+    # inherit it); without it each answer waits ~40 ms for Nagle and the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for TIME_WAIT
         sock.bind((host, port))
