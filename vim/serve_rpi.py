@@ -15,7 +15,6 @@ scripts/requirements-serve.txt (FastAPI, uvicorn, python-multipart).
 
 import argparse
 import asyncio
-import ctypes
 import errno
 import logging
 import os
@@ -30,7 +29,6 @@ TOKEN_ENV = "VIM_SERVE_TOKEN"
 EXIT_LISTEN = 5  # the address cannot be listened on (port in use, no permission, not this machine's)
 BACKLOG = 64  # pending connections the kernel keeps; asyncio also accepts up to this many per wake-up
 SPARE_FILES = 64  # descriptors besides the connections: the model's files, logs, pipes, the listening socket
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 def _epilog(cli):
@@ -196,19 +194,6 @@ def _raise_open_file_limit(max_connections):
                          target)
 
 
-def _return_large_buffers_to_the_os():
-    """glibc serves a large block with mmap (given back when freed) only up to a threshold that
-    it raises each time such a block is freed, so after a burst of uploads the next ones come
-    from the heap and the process keeps their memory. Fixing the threshold at its default
-    (128 KiB) keeps RSS at its idle level after a burst. Nothing to do without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
 def _exit_quietly(signum, frame):
     """SIGTERM/SIGINT outside uvicorn's own handling (before it starts, or when it re-raises the
     signal after its graceful shutdown): a clean exit 0."""
@@ -244,7 +229,6 @@ def main(argv=None) -> int:
             print(f"error: {error.strerror}", file=sys.stderr)
             return EXIT_LISTEN
     _raise_open_file_limit(args.max_connections)
-    _return_large_buffers_to_the_os()
     if args.insecure_no_token and not args.token:
         _log.warning("warning: serving %s without a token (--insecure-no-token): anyone who reaches it can use "
                      "the API", args.host)
