@@ -14,8 +14,9 @@ stopping server 503 with Retry-After, and nothing the client sends can cause a 5
 request may hold is bounded before the work starts: an upload slot (`uploads`) from its first
 body byte until its image is decoded, its body in one buffer of at most `max_upload_mb`, and a
 place in the batcher's queue. Uploads stay in memory, never on disk. Host, Origin and the token
-are checked by `vim_rpi.access`. Only this module, `access`, `connections` and serve_rpi.py
-import the web framework; it is an optional dependency (scripts/requirements-serve.txt).
+are checked by `vim_rpi.access`, uploads read by `vim_rpi.uploads`. Only these, `connections`
+and serve_rpi.py import the web framework; it is an optional dependency
+(scripts/requirements-serve.txt).
 """
 
 import asyncio
