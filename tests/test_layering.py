@@ -19,13 +19,13 @@ LAYERS = [
     {"factory"},
     {"classifier", "folder_dataset", "engine"},
     {"streams"},
-    {"cli", "batcher"},
+    {"cli", "batcher", "access", "connections", "uploads"},
     {"infer_rpi", "main", "models_mamba", "server"},
     {"serve_rpi"},
 ]
 # The web framework is optional (scripts/requirements-serve.txt): only the server may import it.
-WEB_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "multipart", "pydantic")
-WEB_MODULES = {"server", "serve_rpi"}
+WEB_PACKAGES = ("fastapi", "starlette", "uvicorn", "h11", "python_multipart", "multipart", "pydantic")
+WEB_MODULES = {"server", "serve_rpi", "access", "connections", "uploads"}
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 
