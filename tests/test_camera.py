@@ -71,17 +71,6 @@ def stand_in(monkeypatch, tmp_path):
         sys.modules["picamera2"].release()  # frees a reader thread left blocked in a stalled capture_array
 
 
-@pytest.fixture
-def processes():
-    """Started subprocesses, killed at teardown if a test left one running."""
-    started = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def _start(processes, args, env):
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith("STAND_IN_") and name != "LIBCAMERA_LOG_LEVELS"}

@@ -66,17 +66,6 @@ def video(assets):
     return path, frames
 
 
-@pytest.fixture
-def processes():
-    """Started subprocesses, killed at teardown if a test left one running."""
-    started = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def _start(processes, args, env=None, stdin=None):
     environment = dict(os.environ, **(env or {}))
     process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
