@@ -524,6 +524,7 @@ def test_picamera2_failing_to_import_is_one_line_whatever_it_prints(monkeypatch,
 
 # --- 4. cameras by device path (OpenCV) ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_device_paths_are_opened_as_cameras(checkpoint, processes, tmp_path):
     """/dev/video2 and /dev/v4l/by-id/... name cameras: OpenCV's V4L2 backend opens them (here a
     character device that is not a camera, /dev/null, so opening fails), not "no such file"."""
