@@ -1,10 +1,10 @@
 """The fused numba kernels of the v2 mixer (`mamba_ssm.ops.bimamba_v2_numba`) against float64.
 
 Oracles: `oracles.mixer_oracle` (one mixer, from its parameters) and `oracles.vim_forward` (a
-whole Vim). float32 results must be within 1e-4 (max abs error
-over max abs value) of them. Every call here is checked to have run the fused kernels (not the
-torch path). Skipped without numba (the main suite runs without it); the
-broken-numba checks run in fresh processes with a stand-in numba package.
+whole Vim). float32 results must be within 1e-4 (max abs error over max abs value) of them. Every
+call here is checked to have run the fused kernels (not the torch path). Skipped without numba
+(the main suite runs without it); the broken-numba checks run in fresh processes with a stand-in
+numba package.
 """
 
 import copy
@@ -22,7 +22,7 @@ import mamba_ssm
 from mamba_ssm import Mamba, env
 from mamba_ssm.ops import bimamba_v2_numba as fused
 
-from kernel_inputs import hidden_states, make_mixer
+from kernel_inputs import D_STATE, hidden_states, make_mixer
 from oracles import mixer_inner_oracle, mixer_oracle, params64, rel_err, rms_norm64, vim_forward
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
@@ -43,7 +43,7 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def mixer(d_model, d_state=4, **kwargs):
+def mixer(d_model, d_state=D_STATE, **kwargs):
     """A float32 v2 mixer of width d_model (kernel_inputs.make_mixer) in eval mode."""
     return make_mixer("v2", d_model=d_model, d_state=d_state, **kwargs).eval()
 
