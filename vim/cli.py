@@ -56,7 +56,7 @@ def add_model_arguments(parser, *, model_flags=("-m", "--model"), checkpoint=Tru
                         help="registered model name or alias, e.g. vim_tiny, vim_small_stride8 "
                              "[default: the one the checkpoint holds; Vim-Tiny without --checkpoint]")
     if checkpoint:
-        parser.add_argument("-c", "--checkpoint", metavar="PATH|URL",
+        parser.add_argument("-c", "--checkpoint", metavar="PATH|URL|hf-hub:REPO/FILE",
                             help="checkpoint file, http(s) URL or Hub file hf-hub:OWNER/REPO/FILE (downloaded "
                                  "once into the cache) [default: the released weights of --model (from the "
                                  "Hugging Face Hub, HF_ENDPOINT for a mirror); Vim-Tiny's without it]")

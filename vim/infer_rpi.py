@@ -235,7 +235,11 @@ def _ready(clf: Classifier) -> None:
     """Warm the model up (so the first frame or path is not the slow one) and say what runs."""
     clf.warmup()
     info = clf.info()
-    _log.info(f"model {info['model']}, {info['threads']} threads, loaded in {clf.load_ms:.0f} ms")
+    _log.info(f"model {info['model']}, {_threads(info['threads'])}, loaded in {clf.load_ms:.0f} ms")
+
+
+def _threads(count: int) -> str:
+    return "1 thread" if count == 1 else f"{count} threads"
 
 
 def run_video(args) -> int:
@@ -313,10 +317,10 @@ def print_result(result: dict) -> None:
 def print_text(report: dict) -> None:
     for result in report["results"]:
         print_result(result)
-    backend = report["backend"]
-    print(f"model {report['model']}, {report['threads']} threads, quantize {report['quantize']}, "
-          f"torch {report['torch']}, scan {backend['selective_scan']}, "
-          f"conv {backend['causal_conv1d']}")
+    kernels = report["backend"]
+    print(f"model {report['model']}, {_threads(report['threads'])}, quantize {report['quantize']}, "
+          f"torch {report['torch']}; kernels: mixer {kernels['mixer']} (conv {kernels['causal_conv1d']}, "
+          f"scan {kernels['selective_scan']}), norm {kernels['rms_norm']}")
     print(f"load {report['timing_ms']['load']:.0f} ms, peak RSS {report['peak_rss_mb']:.0f} MB")
     if "benchmark" in report:
         bench = report["benchmark"]
