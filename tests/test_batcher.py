@@ -26,7 +26,7 @@ def clf(tmp_path_factory, one_thread):
     torch.nn.init.normal_(model.head.weight, std=1.0)
     path = tmp_path_factory.mktemp("ckpt") / "small.pth"
     checkpoint_io.save_checkpoint(path, model)
-    return Classifier(path, threads=1)
+    return Classifier(path, threads=1, tune_process=True)
 
 
 def _png(seed):
@@ -45,11 +45,11 @@ class GatedClassifier:
     def __getattr__(self, name):
         return getattr(self.clf, name)
 
-    def predict(self, batch, topk=5):
+    def predict(self, batch, topk=5, preprocess_ms=None):
         self.batches.append(len(batch))
         self.started.set()
         assert self.gate.wait(TIMEOUT)
-        return self.clf.predict(batch, topk)
+        return self.clf.predict(batch, topk, preprocess_ms)
 
 
 def _until(condition):
@@ -90,14 +90,17 @@ def test_a_full_queue_refuses_at_once_and_bad_images_fail_alone(clf):
     batcher = _ready(Batcher(lambda: gated, queue_size=2, max_batch=8))
     running = batcher.submit(_png(0), 5)
     assert gated.started.wait(TIMEOUT)
-    waiting = [batcher.submit(b"not an image", 5), batcher.submit(_png(1), 5)]
+    # two good images hold both places until the gated forward ends (a bad one would free its
+    # place as soon as a decoder refused it, and race the refusal below)
+    waiting = [batcher.submit(_png(1), 5), batcher.submit(_png(4), 5)]
     with pytest.raises(QueueFull):
         batcher.submit(_png(2), 5)
     gated.gate.set()
-    assert running.result(TIMEOUT).topk and waiting[1].result(TIMEOUT).topk
+    assert running.result(TIMEOUT).topk and all(w.result(TIMEOUT).topk for w in waiting)
+    bad, good = batcher.submit(b"not an image", 5), batcher.submit(_png(3), 5)  # room again
     with pytest.raises(ImageError, match="not an image"):
-        waiting[0].result(TIMEOUT)
-    assert batcher.submit(_png(3), 5).result(TIMEOUT).topk  # room again
+        bad.result(TIMEOUT)
+    assert good.result(TIMEOUT).topk
     batcher.close()
 
 

@@ -1,4 +1,4 @@
-"""The Pi camera module (vim_rpi.streams.PiCameraSource, --video picam) through a stand-in picamera2
+"""The Pi camera module (vim_rpi.pi_camera.PiCameraSource, --video picam) through a stand-in picamera2
 (tests/stand_ins/picamera2: the real one needs a Pi, a camera and libcamera), and cameras named by
 device path (--video /dev/video2, /dev/v4l/by-id/...) through OpenCV. In-process where the
 source is enough, in subprocesses where what a user sees (stderr, exit status) is the point.
@@ -7,6 +7,7 @@ Every wait is bounded."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 import vim_rpi
-from vim_rpi import checkpoint_io, streams
+from vim_rpi import checkpoint_io, cli, pi_camera, streams
 from vim_rpi.classifier import Classifier
 from vim_rpi.errors import ConfigError, SourceError
 
@@ -107,7 +108,7 @@ def test_reads_the_full_field_binned_mode_at_a_capped_frame_rate(stand_in, senso
     """Not the crop nearest 640x480 (IMX219: 1280x960 of 3280x2464 at 206 fps): the binned mode
     over the whole array, frames of its aspect ratio, at most PICAM_FPS (15) frames a second."""
     stand_in.env(sensor=sensor)
-    source = streams.PiCameraSource()
+    source = pi_camera.PiCameraSource()
     try:
         config = source._camera.camera_config
         mode = next(m for m in source._camera.sensor_modes if tuple(m["size"]) == config["sensor"]["output_size"])
@@ -124,14 +125,14 @@ def test_reads_the_full_field_binned_mode_at_a_capped_frame_rate(stand_in, senso
 
 @pytest.mark.parametrize("fps,limits", [(5, (200_000, 200_000)), (30, (33_333, 83_333)), (2.5, (400_000, 400_000))])
 def test_max_fps_sets_the_frame_duration_limits(stand_in, fps, limits):
-    source = streams.PiCameraSource(max_fps=fps)
+    source = pi_camera.PiCameraSource(max_fps=fps)
     source.close()
     assert stand_in.calls()[2] == ["configure", "BGR888", [640, 480], {"output_size": [1640, 1232], "bit_depth": 10},
                                    list(limits)]
 
 
 def test_a_chosen_sensor_mode_is_read_and_an_unknown_one_is_one_line(stand_in):
-    source = streams.PiCameraSource(mode=(1920, 1080))  # a 16:9 crop, at the user's request
+    source = pi_camera.PiCameraSource(mode=(1920, 1080))  # a 16:9 crop, at the user's request
     try:
         frame = source.read()
     finally:
@@ -141,8 +142,8 @@ def test_a_chosen_sensor_mode_is_read_and_an_unknown_one_is_one_line(stand_in):
     assert stand_in.calls()[2][3] == {"output_size": [1920, 1080], "bit_depth": 10}  # the 10-bit of the two
 
     with pytest.raises(SourceError) as error:
-        streams.PiCameraSource(mode=(1234, 567))
-    assert str(error.value) == ("Pi camera (imx219) has no sensor mode 1234x567 (--picam-mode); its modes: "
+        pi_camera.PiCameraSource(mode=(1234, 567))
+    assert cli.message(error.value) == ("Pi camera (imx219) has no sensor mode 1234x567 (--picam-mode); its modes: "
                                 "640x480, 1640x1232, 1920x1080, 3280x2464")
     assert stand_in.calls()[-1] == ["close"]  # opened, then closed on the failure
 
@@ -167,7 +168,7 @@ def test_choose_sensor_mode_on_random_sensors():
     generator = np.random.default_rng(22)
     for _ in range(300):
         modes = _random_modes(generator)
-        chosen = streams.choose_sensor_mode(modes)
+        chosen = pi_camera.choose_sensor_mode(modes)
         biggest = max(modes, key=lambda m: m["crop_limits"][2] * m["crop_limits"][3])["crop_limits"]
         full = [m for m in modes
                 if m["crop_limits"][2] >= 0.95 * biggest[2] and m["crop_limits"][3] >= 0.95 * biggest[3]]
@@ -183,15 +184,15 @@ def test_choose_sensor_mode_on_random_sensors():
 
 
 def test_choose_sensor_mode_edges():
-    assert streams.choose_sensor_mode([]) is None
-    assert streams.choose_sensor_mode([{"format": "MJPEG"}]) is None  # not a raw sensor: nothing to choose
+    assert pi_camera.choose_sensor_mode([]) is None
+    assert pi_camera.choose_sensor_mode([{"format": "MJPEG"}]) is None  # not a raw sensor: nothing to choose
     small = [{"size": (320, 240), "bit_depth": 10, "fps": 90.0, "crop_limits": (0, 0, 640, 480)},
              {"size": (160, 120), "bit_depth": 10, "fps": 90.0, "crop_limits": (0, 0, 640, 480)}]
-    assert streams.choose_sensor_mode(small)["size"] == (320, 240)  # none 480 tall: the largest
+    assert pi_camera.choose_sensor_mode(small)["size"] == (320, 240)  # none 480 tall: the largest
     with pytest.raises(SourceError, match="no sensor mode 640x480 .* its modes: 160x120, 320x240$"):
-        streams.choose_sensor_mode(small, (640, 480), "Pi camera")
+        pi_camera.choose_sensor_mode(small, (640, 480), "Pi camera")
     with pytest.raises(SourceError, match="its modes: none$"):
-        streams.choose_sensor_mode([], (640, 480))
+        pi_camera.choose_sensor_mode([], (640, 480))
 
 
 # --- 2. the configuration and frames checked ----------------------------------------------------
@@ -199,7 +200,7 @@ def test_choose_sensor_mode_edges():
 def test_a_configuration_other_than_the_one_asked_for_is_one_line_and_closes_the_camera(stand_in):
     stand_in.env(format="XBGR8888")  # as if libcamera had adjusted the stream
     with pytest.raises(SourceError) as error:
-        streams.PiCameraSource()
+        pi_camera.PiCameraSource()
     assert str(error.value) == ("Pi camera (imx219) was configured for XBGR8888 frames, not BGR888 (RGB): this "
                                 "picamera2 or libcamera does not deliver what vim_rpi reads")
     assert [call[0] for call in stand_in.calls()] == ["Picamera2", "sensor_modes", "configure", "close"]
@@ -214,13 +215,13 @@ def test_a_sensor_mode_other_than_the_one_asked_for_is_one_line(stand_in, monkey
     monkeypatch.setattr(picamera2.Picamera2, "_nearest_mode", the_crop)
     with pytest.raises(SourceError, match=r"^Pi camera \(imx219\) runs sensor mode 640x480, not the 1640x1232 "
                                           r"asked for$"):
-        streams.PiCameraSource()
+        pi_camera.PiCameraSource()
     assert stand_in.calls()[-1] == ["close"]
 
 
 def test_a_frame_of_another_shape_is_one_line(stand_in):
     stand_in.env(padded=1)  # rows with their padding, as if picamera2 had not trimmed them
-    source = streams.PiCameraSource()
+    source = pi_camera.PiCameraSource()
     try:
         with pytest.raises(SourceError) as error:
             source.read()
@@ -234,7 +235,7 @@ def test_a_frame_of_another_shape_is_one_line(stand_in):
 def test_the_camera_is_closed_when_configure_or_start_fails(stand_in, failing):
     stand_in.env(fail=failing)
     with pytest.raises(SourceError) as error:
-        streams.PiCameraSource()
+        pi_camera.PiCameraSource()
     expected = {"configure": "Configuration failed", "start": "Failed to start camera: Input/output error"}[failing]
     assert str(error.value) == f"Pi camera (imx219) could not be started: {expected}"
     assert stand_in.calls()[-1] == ["close"]
@@ -250,19 +251,19 @@ def test_the_camera_is_closed_when_configure_or_start_fails(stand_in, failing):
 def test_no_camera_module_says_how_to_check(stand_in, sensor, needle):
     stand_in.env(sensor=sensor)
     with pytest.raises(SourceError) as error:
-        streams.PiCameraSource()
-    assert str(error.value).startswith(needle) and "list index" not in str(error.value)
+        pi_camera.PiCameraSource()
+    assert cli.message(error.value).startswith(needle) and "list index" not in str(error.value)
     assert stand_in.calls() == []  # never opened
 
 
 def test_no_camera_for_a_user_outside_the_video_group(stand_in, monkeypatch, tmp_path):
     (tmp_path / "media0").write_text("")
-    monkeypatch.setattr(streams, "_MEDIA_DEVICES", str(tmp_path / "media*"))
+    monkeypatch.setattr(pi_camera, "_MEDIA_DEVICES", str(tmp_path / "media*"))
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a user without the right (root has it)
     stand_in.env(sensor="none")
     with pytest.raises(SourceError, match=r"may not open .*media0 \(libcamera needs the video group\): "
                                           r"sudo usermod -aG video \$USER"):
-        streams.PiCameraSource()
+        pi_camera.PiCameraSource()
 
 
 @pytest.fixture
@@ -283,10 +284,10 @@ def lock_holder(tmp_path):
 
 
 def test_a_busy_camera_names_the_process_that_holds_it(stand_in, monkeypatch, tmp_path, lock_holder):
-    monkeypatch.setattr(streams, "_MEDIA_DEVICES", str(tmp_path / "media*"))
+    monkeypatch.setattr(pi_camera, "_MEDIA_DEVICES", str(tmp_path / "media*"))
     stand_in.env(busy=1)
     with pytest.raises(SourceError) as error:
-        streams.PiCameraSource()
+        pi_camera.PiCameraSource()
     message = str(error.value)
     assert message.startswith(f"the Pi camera is in use by pid {lock_holder.pid} ({sys.executable} -c): ")
     assert message.endswith(f"close it, or end it: kill {lock_holder.pid}")
@@ -294,11 +295,11 @@ def test_a_busy_camera_names_the_process_that_holds_it(stand_in, monkeypatch, tm
 
 
 def test_a_busy_camera_with_no_holder_found_says_how_to_find_it(stand_in, monkeypatch, tmp_path):
-    monkeypatch.setattr(streams, "_MEDIA_DEVICES", str(tmp_path / "media*"))
+    monkeypatch.setattr(pi_camera, "_MEDIA_DEVICES", str(tmp_path / "media*"))
     stand_in.env(busy=1)
     with pytest.raises(SourceError, match=r"in use by another program \(an rpicam or libcamera app, a picamera2 "
                                           r"script, .*\); `sudo fuser -v /dev/media\*` names it$"):
-        streams.PiCameraSource()
+        pi_camera.PiCameraSource()
 
 
 def test_lock_holders_from_proc_locks(tmp_path):
@@ -320,8 +321,8 @@ def test_lock_holders_from_proc_locks(tmp_path):
                      f"5: POSIX  ADVISORY  WRITE 4242 {keys[1]} 0 EOF\n"
                      "6: garbage\n7: POSIX ADVISORY WRITE notapid 00:00:1 0 EOF\n"
                      f"8: FLOCK  ADVISORY  WRITE 7575 {keys[1]} 0 EOF\n")
-    assert streams._camera_lock_holders(str(tmp_path / "media*"), locks) == [4242, 7575]
-    assert streams._camera_lock_holders(str(tmp_path / "media*"), tmp_path / "absent") == []
+    assert pi_camera._camera_lock_holders(str(tmp_path / "media*"), locks) == [4242, 7575]
+    assert pi_camera._camera_lock_holders(str(tmp_path / "media*"), tmp_path / "absent") == []
 
 
 PROGRAM = "pid 812: /usr/bin/motion -n"
@@ -343,8 +344,8 @@ def test_describe_the_process_that_holds_the_camera(tmp_path, cgroup, who, how):
     (tmp_path / "812").mkdir()
     (tmp_path / "812" / "cmdline").write_bytes(b"/usr/bin/motion\0-n\0-c\0/etc/motion.conf\0")
     (tmp_path / "812" / "cgroup").write_text(cgroup)
-    assert streams._describe_process(812, tmp_path) == (who, how)
-    assert streams._describe_process(999, tmp_path) == ("pid 999 (a process that has ended)",
+    assert pi_camera._describe_process(812, tmp_path) == (who, how)
+    assert pi_camera._describe_process(999, tmp_path) == ("pid 999 (a process that has ended)",
                                                         "close it, or end it: kill 999")
 
 
@@ -356,7 +357,7 @@ def test_red_green_and_blue_reach_the_model_input_in_rgb_order(stand_in, checkpo
     864-pixel rows are padded in the camera's buffer (2592 bytes to a 2624-byte stride)."""
     stand_in.env(sensor="imx708")
     clf = Classifier(checkpoint, warmup=False, tune_process=False)
-    source = streams.PiCameraSource()
+    source = pi_camera.PiCameraSource()
     seen = []
     stream = streams.LatestFrameStream(source, lambda pixels: seen.append(pixels) or clf.preprocess(pixels),
                                        max_frames=2)
@@ -380,7 +381,7 @@ def test_a_stalled_camera_blocks_and_the_watchdog_reports_it(stand_in):
     """Like the real picamera2, a camera whose requests stop completing blocks in capture_array;
     the stream's watchdog is what the user sees."""
     stand_in.env(stall_after=2)
-    source = streams.PiCameraSource()
+    source = pi_camera.PiCameraSource()
     stream = streams.LatestFrameStream(source, lambda pixels: None, camera_timeout_s=0.5)
     seen = []
     with pytest.raises(SourceError, match=r"^Pi camera \(imx219\) delivered no frame for 0.5 s"):
@@ -470,15 +471,15 @@ def test_missing_picamera2_says_what_to_do(checkpoint, processes, tmp_path):
     (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
     system = tmp_path / "dist-packages"
     (system / "picamera2").mkdir(parents=True)
-    advice = streams.picamera2_help(str(venv), "/usr", system)
+    advice = pi_camera.picamera2_help(str(venv), "/usr", system)
     assert "apt install" not in advice and "setup_rpi.sh --system-site-packages" in advice
-    advice = streams.picamera2_help(str(venv), "/usr", tmp_path / "nothing")
+    advice = pi_camera.picamera2_help(str(venv), "/usr", tmp_path / "nothing")
     assert advice.startswith("install it: sudo apt install python3-picamera2; then ")
     assert "--system-site-packages" in advice
     (venv / "pyvenv.cfg").write_text("include-system-site-packages = true\n")
-    assert streams.picamera2_help(str(venv), "/usr", tmp_path / "nothing") == (
+    assert pi_camera.picamera2_help(str(venv), "/usr", tmp_path / "nothing") == (
         "install it: sudo apt install python3-picamera2")
-    assert "does not import" in streams.picamera2_help("/usr", "/usr", system)
+    assert "does not import" in pi_camera.picamera2_help("/usr", "/usr", system)
 
 
 def _broken_picamera2(monkeypatch, tmp_path, body):
@@ -495,8 +496,8 @@ def test_picamera2_broken_by_the_venv_numpy_names_the_fix(monkeypatch, tmp_path,
     _broken_picamera2(monkeypatch, tmp_path, 'raise ValueError("numpy.dtype size changed, may indicate binary '
                                              'incompatibility. Expected 96 from C header, got 88 from PyObject")\n')
     with pytest.raises(ConfigError) as error:
-        streams.PiCameraSource()
-    message = str(error.value)
+        pi_camera.PiCameraSource()
+    message = cli.message(error.value)
     assert message.startswith("--video picam: picamera2 fails to import (ValueError: numpy.dtype size changed")
     assert f"numpy {np.__version__} in {pathlib.Path(np.__file__).parent.parent} hides" in message
     assert message.endswith("run: bash scripts/setup_rpi.sh --system-site-packages (it removes that numpy from "
@@ -509,17 +510,18 @@ def test_picamera2_failing_to_import_is_one_line_whatever_it_prints(monkeypatch,
     _broken_picamera2(monkeypatch, tmp_path, "import sys\nsys.stderr.write('A module that was compiled using NumPy "
                                              "1.x cannot be run in\\nNumPy 2.2.6 as it may crash.\\n')\n"
                                              "raise ImportError('numpy.core.multiarray failed to import')\n")
-    with pytest.raises(ConfigError, match=r"^--video picam: picamera2 fails to import \(ImportError: numpy.core."
-                                          r"multiarray failed to import\): .*setup_rpi.sh --system-site-packages"):
-        streams.PiCameraSource()
+    with pytest.raises(ConfigError) as error:
+        pi_camera.PiCameraSource()
+    assert re.match(r"^--video picam: picamera2 fails to import \(ImportError: numpy.core.multiarray failed to "
+                    r"import\): .*setup_rpi.sh --system-site-packages", cli.message(error.value))
     assert capsys.readouterr().err == ""
     _broken_picamera2(monkeypatch, tmp_path / "other", "import libcamera_missing_here\n")
     with pytest.raises(ConfigError, match=r"fails to import \(ModuleNotFoundError: No module named "
                                           r"'libcamera_missing_here'\); run `python3 -c 'import picamera2'`"):
-        streams.PiCameraSource()
+        pi_camera.PiCameraSource()
     monkeypatch.setitem(sys.modules, "picamera2", None)  # what an absent module looks like to import
     with pytest.raises(ConfigError, match="needs picamera2"):
-        streams.PiCameraSource()
+        pi_camera.PiCameraSource()
 
 
 # --- 4. cameras by device path (OpenCV) ---------------------------------------------------------
@@ -553,6 +555,6 @@ def test_nodes_of_the_pis_own_hardware_are_refused_with_a_way_out(monkeypatch, t
     monkeypatch.setattr(streams, "_V4L2_SYSFS", tmp_path)
     with pytest.raises(SourceError) as error:
         streams.OpenCVSource(spec)
-    message = str(error.value)
+    message = cli.message(error.value)
     assert f" is {node}, a node of the Pi's own camera or codec hardware, not a webcam: use --video picam" in message
     assert "`v4l2-ctl --list-devices`" in message

@@ -121,7 +121,7 @@ def test_pickled_code_is_refused_unless_trusted(tmp_path):
     target = tmp_path / "written_by_unpickling.txt"
     path = tmp_path / "evil.pth"
     torch.save({"model": _model().state_dict(), "payload": _WritesAFile(target)}, path)
-    with pytest.raises(CheckpointError, match="trust-checkpoint"):
+    with pytest.raises(CheckpointError, match="allow it with trust_checkpoint"):
         factory.load_model(path, "vim_tiny", **SMALL)
     assert not target.exists()
     factory.load_model(path, "vim_tiny", trust_pickle=True, **SMALL)  # explicit opt-in only
@@ -152,7 +152,7 @@ def _refused(path):
         checkpoint_io.read_checkpoint(path)
     assert not isinstance(refusal.value, DamagedCheckpointError), refusal.value
     message = str(refusal.value)
-    assert "beyond tensors and plain data" in message and "--trust-checkpoint" in message and "\n" not in message
+    assert "beyond tensors and plain data" in message and "trust_checkpoint" in message and "\n" not in message
     return message
 
 

@@ -3,6 +3,7 @@ equals a direct forward of the loaded model, options that cannot work are Config
 object never touches os.environ."""
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import vim_rpi
 from causal_conv1d import backends
 from mamba_ssm.ops import backends as scan_backends
 from vim_rpi import Classifier, checkpoint_io, cli, image_preprocess
+from vim_rpi.classifier import ClassifierConfig
 from vim_rpi.errors import CheckpointError, ConfigError, ImageError, ImageTooLargeError
 from vim_rpi.image_budget import DEFAULT_MAX_IMAGE_MB
 
@@ -33,7 +35,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clf(checkpoint, one_thread):
     env = dict(os.environ)
-    classifier = Classifier(checkpoint, threads=1)
+    classifier = Classifier(checkpoint, threads=1, tune_process=True)
     assert dict(os.environ) == env  # it never writes the environment
     return classifier
 
@@ -98,18 +100,38 @@ def test_bad_topk(clf, topk, message):
         clf.classify(np.zeros((8, 8, 3), np.uint8), topk=topk)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(model="vim_tinny"), "Did you mean: vim_tiny"), (dict(threads=0), "--threads"),
-    (dict(quantize="int4"), "--quantize"), (dict(input_size=8), "--input-size"),
-    (dict(backend="gpu"), "unknown backend 'gpu'"), (dict(device="meta"), "only cpu and cuda"), (dict(device="tpu"), "not a device name"),
-    (dict(backend="cuda"), "causal_conv1d_cuda"), (dict(model="vim_base"), "no released weights"),
-    (dict(max_image_mb=0), "--max-image-mb must be a number > 0"), (dict(max_image_mb="64"), "--max-image-mb"),
-    (dict(max_image_mb=float("nan")), "--max-image-mb"),
+@pytest.mark.parametrize("kwargs,field,message", [
+    (dict(model="vim_tinny"), "model", "Did you mean: vim_tiny"), (dict(threads=0), "threads", "^threads must be"),
+    (dict(quantize="int4"), "quantize", "^quantize must be"), (dict(input_size=8), "input_size", "^input_size must be"),
+    (dict(backend="gpu"), "backend", "unknown backend 'gpu'"), (dict(device="meta"), "device", "only cpu and cuda"),
+    (dict(device="tpu"), "device", "not a device name"), (dict(backend="cuda"), "backend", "causal_conv1d_cuda"),
+    (dict(model="vim_base"), None, "no released weights"),
+    (dict(max_image_mb=0), "max_image_mb", "^max_image_mb must be a number > 0"),
+    (dict(max_image_mb="64"), "max_image_mb", "^max_image_mb"), (dict(max_image_mb=float("nan")), "max_image_mb", "^max_image_mb"),
+    (dict(ema="yes"), "ema", "^ema must be True or False"), (dict(threads=2), "threads", "tune_process=True"),
 ])
-def test_options_that_cannot_work_fail_before_loading(checkpoint, kwargs, message):
+def test_options_that_cannot_work_fail_before_loading(checkpoint, kwargs, field, message):
+    """Each refusal names the field (the library speaks in its own names; a front end spells the
+    field its own way: cli.message gives the command line's --flag)."""
     spec = None if kwargs.get("model") == "vim_base" else checkpoint
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as refused:
         Classifier(spec, **kwargs)
+    assert refused.value.field == field
+    assert "--" not in str(refused.value)
+    if message.startswith("^"):  # the field's name leads the message: the command line shows its flag there
+        assert cli.message(refused.value).startswith(cli.flag(field) + " ")
+
+
+def test_a_config_is_checked_once_when_made_and_taken_whole(checkpoint):
+    config = ClassifierConfig(checkpoint=checkpoint, threads=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.threads = 0
+    with pytest.raises(TypeError, match="unexpected keyword argument 'thread'"):
+        ClassifierConfig(thread=1)  # a misspelt option fails where it is written
+    with pytest.raises(TypeError, match="either config or its fields"):
+        Classifier(checkpoint, config=config)
+    clf = Classifier(config=config, tune_process=True, warmup=False)
+    assert clf.config is config and torch.get_num_threads() == 1
 
 
 def test_unavailable_numba_backend_is_a_config_error(checkpoint, monkeypatch):
@@ -144,14 +166,14 @@ def test_a_head_smaller_than_five_classes_works_with_the_defaults(tmp_path):
 # --- The memory budget per image ---
 
 def test_budget_default_and_info(clf):
-    assert clf.max_image_mb == DEFAULT_MAX_IMAGE_MB == 128
+    assert clf.config.max_image_mb == DEFAULT_MAX_IMAGE_MB == 128
     assert clf.info()["max_image_mb"] == DEFAULT_MAX_IMAGE_MB
 
 
 def test_images_over_the_budget_are_refused_in_every_form(checkpoint, tmp_path, one_thread):
     """600 x 600 RGB is 1.4 MB decoded: over a 1 MB budget whether it comes as a file, bytes,
     a PIL image or an array; a 100 x 100 image still classifies."""
-    small = Classifier(checkpoint, threads=1, max_image_mb=1, warmup=False)
+    small = Classifier(checkpoint, max_image_mb=1, warmup=False)
     pixels = np.full((600, 600, 3), 90, np.uint8)
     path = tmp_path / "big.png"
     Image.fromarray(pixels).save(path)
@@ -161,9 +183,9 @@ def test_images_over_the_budget_are_refused_in_every_form(checkpoint, tmp_path, 
             small.classify(image)
         message = str(info.value)
         assert message.startswith(f"{name}: a 600x600 RGB image needs ") and "\n" not in message
-        assert "over the 1 MB budget per image" in message and "--max-image-mb" in message
+        assert "over the 1 MB budget per image" in message and message.endswith("with max_image_mb")
     assert len(small.classify(pixels[:100, :100], topk=3).topk) == 3
-    roomy = Classifier(checkpoint, threads=1, max_image_mb=2, warmup=False)
+    roomy = Classifier(checkpoint, max_image_mb=2, warmup=False)
     assert len(roomy.classify(path, topk=3).topk) == 3
 
 
@@ -183,6 +205,7 @@ def test_cli_reports_an_image_over_budget_as_one_failed_item(checkpoint, tmp_pat
     results = json.loads(out)["results"]
     assert [r["image"] for r in results] == [str(big), str(small)]
     assert "over the 1 MB budget per image" in results[0]["error"] and "topk" in results[1]
+    assert results[0]["error"].endswith("raise the budget with --max-image-mb")  # the command line's spelling
     assert f"error: {big}: a 600x600 RGB image needs " in err
     code, out, err = main_in_process(["-c", checkpoint, "--max-image-mb", "0", small])
-    assert code == 2 and "--max-image-mb: must be a number > 0, got '0'" in err and out == ""
+    assert code == 2 and "--max-image-mb must be a number > 0, got 0.0" in err and out == ""

@@ -473,7 +473,7 @@ def test_hostile_images_are_refused_from_the_header(hostile, no_decoding, name, 
     extra_file = hostile[name].stat().st_size / MB if name == "float_strip.tif" else 0
     assert _reported_mb(message, r"needs ([\d.]+) MB") == pytest.approx(needed + extra_file, abs=0.3)
     assert "over the 128 MB budget per image" in message
-    assert "--max-image-mb" in message and "max_image_mb" in message
+    assert "raise the budget with max_image_mb" in message
 
 
 def test_huge_jpeg_that_draft_makes_small_is_decoded_small(hostile, monkeypatch):

@@ -247,7 +247,7 @@ def test_checkpoint_errors_and_late_usage_error(files, main_in_process, tmp_path
         ([image, "-c", tmp_path / "nope.pth"], 3, "nope.pth"),
         ([image, "-c", not_a_checkpoint], 3, "weights.pth"),
         ([image, "-c", files["ckpt"], "-m", "vim_small"], 3, "does not match"),
-        ([image, "-c", f"http://127.0.0.1:{closed_port}/w.pth"], 3, "--checkpoint PATH"),
+        ([image, "-c", f"http://127.0.0.1:{closed_port}/w.pth"], 3, "as --checkpoint"),
         ([image, "-c", files["ckpt10"], "-k", "11"], 2, "at most"),
     ]
     for args, expected_code, needle in cases:
@@ -295,7 +295,7 @@ def test_checkpoint_with_code_is_refused_then_loads_with_trust_checkpoint(files,
     (["x.jpg", "--device", "gpu"], "device"),
     (["x.jpg", "--benchmark", "-1"], "--benchmark"),
     (["x.jpg", "--quantize", "int4"], "invalid choice"),
-    (["x.jpg", "--model", "vim_base"], "pass --checkpoint PATH"),
+    (["x.jpg", "--model", "vim_base"], "pass a file as --checkpoint"),
 ])
 def test_usage_errors_exit_2_before_any_work(args, needle, main_in_process):
     if "cuda" in args and torch.cuda.is_available():

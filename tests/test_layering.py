@@ -14,7 +14,7 @@ PACKAGE = REPO / "vim"
 # Lowest first; a module may import modules of strictly lower layers.
 LAYERS = [
     {"errors", "registry", "imagenet_labels", "progress", "image_budget", "paths", "temp_files"},
-    {"vision_mamba", "hub", "image_preprocess", "quantization", "runtime"},
+    {"vision_mamba", "hub", "image_preprocess", "quantization", "runtime", "pi_camera"},
     {"checkpoint_io"},
     {"factory"},
     {"classifier", "folder_dataset", "engine"},
@@ -190,3 +190,45 @@ def test_the_lower_package_reads_only_its_own_variables():
         names = {n.value for n in ast.walk(ast.parse(path.read_text(), str(path)))
                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and pattern.fullmatch(n.value)}
         assert all(name.startswith("CAUSAL_CONV1D_") for name in names), (path.relative_to(REPO), names)
+
+
+# The front ends: the three command lines, what they share (cli) and the HTTP server's modules.
+FRONT_ENDS = {"infer_rpi", "main", "serve_rpi", "cli", "server", "access", "connections", "uploads"}
+
+
+def _command_line_flags():
+    from vim_rpi import infer_rpi, main, serve_rpi
+
+    flags = set()
+    for build in (infer_rpi.build_parser, serve_rpi.build_parser, main.get_args_parser):
+        for action in build()._actions:
+            flags.update(name for name in action.option_strings if name.startswith("--") and name != "--help")
+    return flags
+
+
+def _strings(tree):
+    """(line, text) of every string constant that is not a docstring (f-string parts included)."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_library_messages_name_no_command_line_flag():
+    """The library speaks in its options' own names (`errors.option`); the front ends spell them
+    as their flags. No string in a library module names one of the command lines' flags."""
+    flags = _command_line_flags()
+    found = []
+    for module in sorted(set(_modules()) - FRONT_ENDS):
+        path = PACKAGE / f"{module}.py"
+        for line, text in _strings(ast.parse(path.read_text(), str(path))):
+            found += [f"vim/{module}.py:{line} {flag}" for flag in re.findall(r"--[a-z][a-z0-9-]*", text) if flag in flags]
+    assert not found
+
+
+def test_no_front_end_rewrites_a_library_message():
+    """A front end renders an error's options (VimError.render); it never edits the text."""
+    for module in sorted(FRONT_ENDS):
+        source = (PACKAGE / f"{module}.py").read_text()
+        assert not re.search(r"\.replace\(\s*[\"']--", source), f"vim/{module}.py rewrites a message"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vim_rpi import checkpoint_io, factory
+from vim_rpi import checkpoint_io, factory, image_preprocess
 from vim_rpi import engine
 from vim_rpi import folder_dataset
 from vim_rpi import image_preprocess
@@ -101,7 +101,7 @@ def setup(tmp_path_factory):
 
 
 def test_folder_dataset_follows_imagefolder_rules(setup):
-    dataset = folder_dataset.FolderDataset(setup["data"] / "val", transform=lambda image: image)
+    dataset = folder_dataset.FolderDataset(setup["data"] / "val", load=image_preprocess.load_image)
     assert dataset.classes == ["Zebra", "a_cat", "b_dog", "c_owl"]
     assert dataset.class_to_idx == {name: i for i, name in enumerate(dataset.classes)}
     assert dataset.samples == setup["samples"]

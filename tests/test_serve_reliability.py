@@ -59,7 +59,7 @@ def server(files):
 
 @pytest.fixture(scope="module")
 def reference(files, one_thread):
-    return Classifier(files["small"], threads=1)
+    return Classifier(files["small"], threads=1, tune_process=True)
 
 
 def report(capsys, text):

@@ -67,7 +67,7 @@ def guarded_server(files):
 @pytest.fixture(scope="module")
 def reference(files, one_thread):
     """The classifier API on the same checkpoint, for the expected top-k."""
-    return Classifier(files["small"], threads=1)
+    return Classifier(files["small"], threads=1, tune_process=True)
 
 
 def _same_topk(got, want):

@@ -4,16 +4,17 @@
     print(Classifier().classify("cat.jpg").topk[0])
 
 Layers, each importing only those below it (tests/test_layering.py checks this):
-  errors, registry, imagenet_labels, progress          plain data and helpers (no torch)
+  errors, registry, imagenet_labels, progress,         plain data and helpers (no torch): the memory
+  image_budget, paths, temp_files                      budget per image, path checks, temporary files
   vision_mamba, hub, image_preprocess,                 the model (builds only), weight fetching (Hub,
-  quantization, runtime                                URLs), preprocessing, tuning
+  quantization, runtime, pi_camera                     URLs), preprocessing, tuning, the Pi camera
   checkpoint_io                                        reading and writing checkpoints
   factory                                              create_model / load_model
-  classifier, folder_dataset, engine                   the Classifier API; training and evaluation
+  classifier, folder_dataset, engine                   ClassifierConfig and Classifier; training and evaluation
   streams                                              video sources, the latest-frame loop, path streams
-  cli, batcher                                         what the command-line front ends share; the
-                                                       worker thread that batches requests for a server
-  access, connections, uploads                         the HTTP server's Host/Origin/token checks,
+  cli, batcher, access, connections, uploads           what the command-line front ends share; the
+                                                       worker thread that batches requests for a server;
+                                                       the HTTP server's Host/Origin/token checks,
                                                        connection limits (uvicorn) and upload reading
   infer_rpi, main, models_mamba, server                front ends, upstream's compatibility module, the
                                                        HTTP app (FastAPI: optional, imported only there)
@@ -27,7 +28,9 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "Classifier": "vim_rpi.classifier",
+    "ClassifierConfig": "vim_rpi.classifier",
     "Prediction": "vim_rpi.classifier",
+    "tune_process": "vim_rpi.runtime",
     "create_model": "vim_rpi.factory",
     "load_model": "vim_rpi.factory",
     "list_models": "vim_rpi.registry",
@@ -42,6 +45,7 @@ _EXPORTS = {
     "CheckpointError": "vim_rpi.errors",
     "DownloadError": "vim_rpi.errors",
     "ImageError": "vim_rpi.errors",
+    "ImageTooLargeError": "vim_rpi.errors",
     "SourceError": "vim_rpi.errors",
 }
 

@@ -35,7 +35,6 @@ from typing import Callable, Optional
 
 import torch
 
-from vim_rpi.classifier import Prediction
 from vim_rpi.errors import ImageError
 
 __all__ = ["Batcher", "QueueFull", "NotReady", "ShuttingDown"]
@@ -269,14 +268,14 @@ class Batcher:
         """One batched forward for `jobs`; each future gets its own Prediction."""
         started = time.perf_counter()
         try:
-            results, inference_ms = self.classifier.predict(torch.stack([j.tensor for j in jobs]),
-                                                            max(j.topk for j in jobs))
+            predictions = self.classifier.predict(torch.stack([j.tensor for j in jobs]), [j.topk for j in jobs],
+                                                  [j.preprocess_ms for j in jobs])
         except Exception as error:  # a failed forward fails its requests, not the worker
             _log.exception("batched forward of %d images failed", len(jobs))
             for job in jobs:
                 _settle(job.future, error=RuntimeError(f"inference failed: {type(error).__name__}"))
             return
-        for job, topk in zip(jobs, results):
+        for job, prediction in zip(jobs, predictions):
             queue_ms = (started - job.submitted) * 1e3 - job.preprocess_ms
-            _settle(job.future, Prediction(topk=topk[:job.topk], timing_ms={
-                "queue": max(queue_ms, 0.0), "preprocess": job.preprocess_ms, "inference": inference_ms}))
+            prediction.timing_ms = {"queue": max(queue_ms, 0.0), **prediction.timing_ms}
+            _settle(job.future, prediction)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vim_rpi import paths
-from vim_rpi.errors import CheckpointError, DamagedCheckpointError
+from vim_rpi.errors import CheckpointError, DamagedCheckpointError, option
 from vim_rpi.temp_files import make_temp_file
 
 __all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "read_state_dict", "infer_architecture",
@@ -74,8 +74,8 @@ def read_checkpoint(path, *, trust_pickle=False):
                                      f"not a checkpoint)")
     if not trust_pickle:
         raise CheckpointError(f"{path} holds Python objects beyond tensors and plain data ({refused}), which could run "
-                              f"code when loaded. It was not loaded. If you trust where the file came from, pass "
-                              f"--trust-checkpoint (trust_pickle=True).")
+                              f"code when loaded. It was not loaded. If you trust where the file came from, allow it "
+                              f"with {option('trust_checkpoint')}.")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:

@@ -8,20 +8,20 @@ Predictable problems end with one line on stderr, never a traceback; a closed st
 ends a front end quietly with status 0.
 """
 
-import argparse
+import dataclasses
 import logging
 import os
 import sys
 
 from causal_conv1d import backends
-from mamba_ssm import env
-from vim_rpi import image_budget, registry
+from vim_rpi import image_budget
+from vim_rpi.classifier import ClassifierConfig
 from vim_rpi.errors import (CheckpointError, ConfigError, DatasetError, DownloadError, ImageError, SampleError,
-                            SourceError, TrainingError)
+                            SourceError, TrainingError, VimError)
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_CHECKPOINT", "EXIT_DATA", "EXIT_INTERRUPTED",
-           "add_model_arguments", "add_checkpoint_arguments", "add_runtime_arguments", "check_environment", "setup",
-           "run", "exit_status"]
+           "add_model_arguments", "add_image_budget_argument", "add_checkpoint_arguments", "add_runtime_arguments",
+           "flag", "classifier_config", "setup", "run", "exit_status", "message"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -56,7 +56,7 @@ def add_model_arguments(parser, *, model_flags=("-m", "--model"), checkpoint=Tru
                         help="registered model name or alias, e.g. vim_tiny, vim_small_stride8 "
                              "[default: the one the checkpoint holds; Vim-Tiny without --checkpoint]")
     if checkpoint:
-        parser.add_argument("-c", "--checkpoint", metavar="PATH|URL",
+        parser.add_argument("-c", "--checkpoint", metavar="PATH|URL|hf-hub:REPO/FILE",
                             help="checkpoint file, http(s) URL or Hub file hf-hub:OWNER/REPO/FILE (downloaded "
                                  "once into the cache) [default: the released weights of --model (from the "
                                  "Hugging Face Hub, HF_ENDPOINT for a mirror); Vim-Tiny's without it]")
@@ -67,25 +67,18 @@ def add_model_arguments(parser, *, model_flags=("-m", "--model"), checkpoint=Tru
         parser.add_argument("--exact-preprocess", action="store_true",
                             help="decode JPEGs at full size (the official pixels) instead of the "
                                  "faster reduced-scale decode")
-        parser.add_argument("--max-image-mb", type=_budget_mb, default=image_budget.DEFAULT_MAX_IMAGE_MB,
-                            metavar="MB",
-                            help="most memory one image may take while it is decoded and preprocessed (its "
-                                 "pixels, the decoder's buffers, the 8-bit and rotated copies, the resize), "
-                                 "worked out from its header; a larger image is refused before decoding "
-                                 "[%(default)s]")
+        add_image_budget_argument(parser)
     parser.add_argument("--input-size", type=int, metavar="PX",
                         help="side of the square model input [default: the checkpoint's, 224]")
     add_checkpoint_arguments(parser)
 
 
-def _budget_mb(text):
-    """argparse type of --max-image-mb: a number > 0."""
-    try:
-        value = float(text)
-        image_budget.check_max_image_mb(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    return value
+def add_image_budget_argument(parser):
+    """--max-image-mb, the memory budget per image."""
+    parser.add_argument("--max-image-mb", type=float, default=image_budget.DEFAULT_MAX_IMAGE_MB, metavar="MB",
+                        help="most memory one image may take while it is decoded and preprocessed (its pixels, "
+                             "the decoder's buffers, the 8-bit and rotated copies, the resize), worked out from "
+                             "its header; a larger image is refused before decoding [%(default)s]")
 
 
 def add_checkpoint_arguments(parser):
@@ -106,20 +99,21 @@ def add_runtime_arguments(parser):
                              "kernels for a CUDA device, numba or torch on the CPU) [%(default)s]")
 
 
-def check_environment(parser, args):
-    """Usage errors (exit 2) found without loading anything: the model name, positive counts,
-    the input size, SELECTIVE_SCAN_CPU_BACKEND."""
+def flag(name):
+    """The command line's spelling of option `name`: --max-image-mb for max_image_mb."""
+    return "--" + name.replace("_", "-")
+
+
+def classifier_config(parser, args, spell=flag, **values):
+    """The ClassifierConfig of the parsed options: each field from the option of its name where
+    the front end has one, `values` over them. A value it refuses is a usage error (exit 2) that
+    names the option as `spell` writes it."""
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(ClassifierConfig)
+             if hasattr(args, field.name)}
     try:
-        if getattr(args, "model", None) is not None:
-            registry.resolve_model_name(args.model)
-        env.cpu_backend()
-    except ValueError as error:
-        parser.error(str(error))
-    for flag in ("threads", "input_size"):
-        value = getattr(args, flag, None)
-        minimum = 16 if flag == "input_size" else 1
-        if value is not None and value < minimum:
-            parser.error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+        return ClassifierConfig(**{**given, **values})
+    except ConfigError as error:
+        parser.error(message(error, spell))
 
 
 class _HubRecords(logging.Filter):
@@ -162,9 +156,10 @@ def exit_status(error):
     return EXIT_FAILED
 
 
-def run(parser, work, *, prefix=lambda: "error"):
-    """Call `work()` and return its exit status; our errors become one line on stderr, after
-    `prefix()`, and their exit code (a ConfigError is a usage error: argparse's message, exit 2).
+def run(parser, work, *, prefix=lambda: "error", spell=flag):
+    """Call `work()` and return its exit status; our errors become one line on stderr (options
+    named as `spell` writes them), after `prefix()`, and their exit code (a ConfigError is a usage
+    error: argparse's message, exit 2).
     A reader of stdout that went away (| head) ends it quietly with status 0, whatever the
     output mode: the reader stopped because it had what it wanted."""
     try:
@@ -178,20 +173,22 @@ def run(parser, work, *, prefix=lambda: "error"):
         os.close(devnull)
         return EXIT_OK
     except ConfigError as error:
-        parser.error(str(error))
+        parser.error(message(error, spell))
     except (CheckpointError, DownloadError, ImageError, DatasetError, SampleError, SourceError,
             TrainingError) as error:
-        print(f"{prefix()}: {message(error)}", file=sys.stderr)
+        print(f"{prefix()}: {message(error, spell)}", file=sys.stderr)
         return exit_status(error)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def message(error):
-    """The user-facing line of `error`. An exception raised in a DataLoader worker is re-raised
-    with the worker's whole traceback as its message; its last line is the original one."""
-    last = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+def message(error, spell=flag):
+    """The user-facing line of `error`, options named as `spell` writes them. An exception raised
+    in a DataLoader worker is re-raised with the worker's whole traceback as its message; its last
+    line is the original one."""
+    text = error.render(spell) if isinstance(error, VimError) else str(error)
+    last = text.strip().splitlines()[-1] if text.strip() else repr(error)
     name = f"{type(error).__module__}.{type(error).__qualname__}: "
     return last[len(name):] if last.startswith(name) else last
 

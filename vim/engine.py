@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vim_rpi.errors import TrainingError
+from vim_rpi.errors import TrainingError, option
 from vim_rpi.progress import progress_bar
 
 __all__ = [
@@ -126,7 +126,7 @@ def train_one_epoch(model, criterion, loader, optimizer, lr_scheduler, *, epoch,
             loss = criterion(model(images), targets)
             if not torch.isfinite(loss):
                 raise TrainingError(f"the training loss became {loss.item()} in epoch {epoch}; "
-                                    f"stopping (try a lower --lr or --clip-grad)")
+                                    f"stopping (try a lower {option('lr')} or {option('clip_grad')})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad:

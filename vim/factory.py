@@ -17,7 +17,7 @@ import os
 import torch
 
 from vim_rpi import checkpoint_io, hub, registry
-from vim_rpi.errors import CheckpointError, ConfigError, DamagedCheckpointError, DownloadError
+from vim_rpi.errors import CheckpointError, ConfigError, DamagedCheckpointError, DownloadError, option, quoted
 from vim_rpi.vision_mamba import VisionMamba
 
 __all__ = ["create_model", "load_model", "fits", "fitting_models", "default_checkpoint"]
@@ -57,7 +57,7 @@ def default_checkpoint(name=None):
     name = registry.resolve_model_name(name or registry.DEFAULT_MODEL)
     cfg = registry.pretrained_cfg(name)
     if cfg["hf_hub_filename"] is None:
-        raise ConfigError(f"no released weights are known for {name}; pass --checkpoint PATH")
+        raise ConfigError(f"no released weights are known for {name}; pass a file as {option('checkpoint')}")
     return hub.hub_reference(cfg["hf_hub_id"], cfg["hf_hub_filename"])
 
 
@@ -74,8 +74,8 @@ def _fetch_and_read(spec, progress, **read_options):
         try:
             path = hub.fetch_checkpoint(spec, progress=progress, refetch=True)
         except DownloadError as err:
-            raise DownloadError(f"{damaged}; it is a cached download of {spec}, and fetching it again failed: "
-                                f"{err}") from None
+            raise DownloadError(f"{quoted(damaged)}; it is a cached download of {spec}, and fetching it again "
+                                f"failed: {quoted(err)}") from None
     return path, checkpoint_io.read_state_dict(path, **read_options)
 
 
@@ -123,7 +123,8 @@ def load_model(checkpoint=None, model_name=None, *, ema=False, trust_pickle=Fals
     if model_name is None:
         if not fitting:
             raise CheckpointError(f"cannot tell which model {source} is for (embed_dim {arch['embed_dim']}, depth "
-                                  f"{arch['depth']}); pass --model with one of: {', '.join(registry.list_models())}")
+                                  f"{arch['depth']}); pass {option('model')}, one of: "
+                                  f"{', '.join(registry.list_models())}")
         model_name = fitting[0]
     try:
         name = registry.resolve_model_name(model_name)

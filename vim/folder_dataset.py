@@ -3,14 +3,15 @@
 `FolderDataset` indexes ``root/<class>/**/<image>`` exactly like torchvision's
 ``ImageFolder``: classes are the sorted sub-directory names (index = position), samples are
 listed class by class, walking each class directory in sorted order, and only files with one
-of torchvision's ``IMG_EXTENSIONS`` (case-insensitive) are kept. So ``class_to_idx`` and the
-sample order match ImageFolder's, and an ImageNet val directory gets the standard class
-indices.
+of torchvision's ``IMG_EXTENSIONS`` (case-insensitive; `image_preprocess.IMG_EXTENSIONS`) are
+kept. So ``class_to_idx`` and the sample order match ImageFolder's, and an ImageNet val
+directory gets the standard class indices.
 
-Images are always read with `image_preprocess.load_image` (exact decode, EXIF orientation,
-any mode to RGB), the loader used for single-image inference, so evaluation sees the same
-pixels as `infer_rpi.py`.
+Evaluation reads images with the model's `image_preprocess.preprocessor` (the Classifier's
+own preprocessing), training with `image_preprocess.load_image` (EXIF orientation, any mode to
+RGB, the memory budget) before its augmentation.
 """
+import functools
 import math
 import os
 import stat
@@ -20,16 +21,13 @@ import numpy as np
 import torch
 
 from vim_rpi import image_preprocess, paths
-from vim_rpi.errors import DatasetError, SampleError
+from vim_rpi.errors import DatasetError, SampleError, option, quoted
 
 __all__ = [
-    "IMG_EXTENSIONS", "DatasetError", "SampleError", "FolderDataset",
+    "DatasetError", "SampleError", "FolderDataset", "augmented",
     "find_classes", "make_samples", "split_dir", "RandomResizedCropFlip", "to_normalized_tensor",
     "build_train_transform",
 ]
-
-# torchvision.datasets.folder.IMG_EXTENSIONS, so the same files are picked up.
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def split_dir(data_path, split):
@@ -40,7 +38,7 @@ def split_dir(data_path, split):
     root = Path(data_path)
     problem, mode = paths.stat_path(root)
     if problem or not stat.S_ISDIR(mode):
-        raise DatasetError(f"{problem or f'{root}: not a directory'}; --data-path takes a folder with one "
+        raise DatasetError(f"{problem or f'{root}: not a directory'}; {option('data_path')} takes a folder with one "
                            f"sub-folder per class, or with train/ and val/ inside")
     _, split_mode = paths.stat_path(root / split)
     return root / split if split_mode is not None and stat.S_ISDIR(split_mode) else root
@@ -61,7 +59,7 @@ def make_samples(root, class_to_idx):
         found = 0
         for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
             for filename in sorted(filenames):
-                if filename.lower().endswith(IMG_EXTENSIONS):
+                if filename.lower().endswith(image_preprocess.IMG_EXTENSIONS):
                     samples.append((os.path.join(dirpath, filename), class_to_idx[name]))
                     found += 1
         if not found:
@@ -69,21 +67,22 @@ def make_samples(root, class_to_idx):
     if empty:
         shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
         raise DatasetError(f"no images in {len(empty)} class folder(s) of {root}: {shown} "
-                           f"(accepted extensions: {' '.join(IMG_EXTENSIONS)})")
+                           f"(accepted extensions: {' '.join(image_preprocess.IMG_EXTENSIONS)})")
     return samples
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """``root/<class>/.../<image>`` -> (transform(image), class index).
+    """``root/<class>/.../<image>`` -> (load(path), class index).
 
     Args:
         root: the directory holding one folder per class.
-        transform: callable PIL RGB image -> tensor (3, H, W).
+        load: picklable callable, image path -> tensor (3, H, W): for evaluation the model's
+            `image_preprocess.preprocessor`, for training `augmented(transform)`.
     """
 
-    def __init__(self, root, transform):
+    def __init__(self, root, load):
         self.root = str(root)
-        self.transform = transform
+        self.load = load
         try:
             self.classes, self.class_to_idx = find_classes(self.root)
             self.samples = make_samples(self.root, self.class_to_idx)
@@ -97,10 +96,19 @@ class FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         path, target = self.samples[index]
         try:
-            image = image_preprocess.load_image(path)
+            return self.load(path), target
         except (image_preprocess.ImageError, OSError, ValueError) as exc:
-            raise SampleError(f"cannot read {path}: {exc}") from None
-        return self.transform(image), target
+            raise SampleError(f"cannot read {path}: {quoted(exc)}") from None
+
+
+def augmented(transform):
+    """A FolderDataset loader for training: decode (`image_preprocess.load_image`), then
+    `transform` (PIL RGB image -> tensor (3, H, W), e.g. `build_train_transform`'s)."""
+    return functools.partial(_load_and_transform, transform)
+
+
+def _load_and_transform(transform, path):
+    return transform(image_preprocess.load_image(path))
 
 
 class RandomResizedCropFlip:

@@ -39,7 +39,7 @@ import urllib.request
 from pathlib import Path
 
 from vim_rpi import paths, registry
-from vim_rpi.errors import DownloadError
+from vim_rpi.errors import DownloadError, option
 from vim_rpi.progress import progress_bar
 from vim_rpi.temp_files import make_temp_file
 
@@ -131,8 +131,8 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
 
     what = f"{filename} of {repo_id}"
     endpoint = constants.ENDPOINT
-    advice = (f"set HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT={MIRROR_EXAMPLE}) or pass --checkpoint PATH "
-              "(a local copy of the file)")
+    advice = (f"set HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT={MIRROR_EXAMPLE}) or pass a local copy of the file as "
+              f"{option('checkpoint')}")
     bar = _hub_bar(os.path.basename(filename), progress)
     try:
         # Released files do not change: once cached, no request (and no wait on a bad link).
@@ -183,7 +183,7 @@ def _http_error(err, what: str, repo_id: str, endpoint: str, advice: str) -> Dow
         return DownloadError(f"{endpoint} refused {what} (HTTP {status}); if the repository needs a login, set "
                              f"HF_TOKEN to an access token, or {advice}")
     return DownloadError(f"{endpoint} could not serve {what} (HTTP {status}); if HF_ENDPOINT names a mirror, check "
-                         f"that it mirrors {repo_id}, or pass --checkpoint PATH")
+                         f"that it mirrors {repo_id}, or pass a local copy as {option('checkpoint')}")
 
 
 def _root_cause(err: BaseException) -> str:
@@ -351,5 +351,5 @@ def _content_length(response):
 def _offline_message(url: str, reason) -> str:
     return (
         f"download of {url} failed ({reason}): this machine seems to be offline; "
-        "copy the checkpoint here by other means and pass --checkpoint PATH"
+        f"copy the checkpoint here by other means and pass it as {option('checkpoint')}"
     )

@@ -35,11 +35,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vim_rpi import image_budget, paths
-from vim_rpi.errors import ImageError, ImageTooLargeError
+from vim_rpi.errors import ImageError, ImageTooLargeError, option
 from vim_rpi.image_budget import DEFAULT_MAX_IMAGE_MB, MB
 from vim_rpi.registry import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
+    "IMG_EXTENSIONS",
     "DEFAULT_MAX_IMAGE_MB",
     "ImageError",
     "ImageTooLargeError",
@@ -50,9 +51,12 @@ __all__ = [
     "resize_size",
     "to_image",
     "to_rgb",
-    "transform_for",
+    "preprocessor",
 ]
 
+# File names read as images: torchvision.datasets.folder.IMG_EXTENSIONS (so a directory gives the
+# files ImageFolder would), all in image_budget.FORMATS.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Modes that Image.convert("RGB") maps correctly: 8-bit samples, or 1-bit.
 _DIRECT_MODES = {
     "1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
@@ -197,7 +201,7 @@ def _check_budget(name, mode, size, budget_mb, fit, *, decoder=0, orientation=No
         raise ImageTooLargeError(
             f"{name}: a {size[0]}x{size[1]} {mode} image needs {_mb(needed)} to decode and preprocess "
             f"({_mb(decoded)} of decoded pixels), over the {budget_mb:g} MB budget per image; downscale it, "
-            "or raise the budget with --max-image-mb (max_image_mb in Python)")
+            f"or raise the budget with {option('max_image_mb')}")
 
 
 def _mb(size) -> str:
@@ -399,13 +403,14 @@ def _transform(img: Image.Image, input_size, crop_pct, mean, std) -> torch.Tenso
     return normalize(crop, mean, std)
 
 
-def transform_for(cfg, input_size: int):
-    """The evaluation transform (PIL image -> tensor) a model's pretrained cfg asks for: a
-    picklable callable, so DataLoader worker processes can use it."""
+def preprocessor(cfg, input_size: int, *, exact: bool = False, max_image_mb: float = DEFAULT_MAX_IMAGE_MB):
+    """`preprocess_image` with what a model's pretrained cfg asks for (crop_pct, mean, std) at
+    `input_size`: image (any input `to_image` takes) -> (3, input_size, input_size). A picklable
+    callable, so DataLoader worker processes can use it."""
     if cfg.get("interpolation", "bicubic") != "bicubic":
         raise ValueError(f"only bicubic resizing is implemented, the cfg asks for {cfg['interpolation']!r}")
-    return functools.partial(eval_transform, input_size=input_size, crop_pct=cfg["crop_pct"], mean=tuple(cfg["mean"]),
-                             std=tuple(cfg["std"]))
+    return functools.partial(preprocess_image, input_size=input_size, exact=exact, crop_pct=cfg["crop_pct"],
+                             mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), max_image_mb=max_image_mb)
 
 
 def normalize(pixels, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:

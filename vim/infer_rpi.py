@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 try:
-    from vim_rpi import cli, streams
-    from vim_rpi.classifier import Classifier
-    from vim_rpi.errors import ImageError, SourceError
+    from vim_rpi import cli, pi_camera, streams
+    from vim_rpi.classifier import Classifier, check_topk
+    from vim_rpi.errors import ConfigError, ImageError, SourceError
     from vim_rpi.runtime import peak_rss_mb
 except ModuleNotFoundError as missing:  # run from a checkout that was never installed
     sys.exit(f"error: {missing}; install the project first: pip install -e causal-conv1d -e mamba-1p1p1 -e . "
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files, or directories of images, to classify [the bundled sample "
                              "photo, vim/data/sample.jpg]")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH",
-                        help="an image file (older spelling of IMAGE; repeatable)")
+    # The older spelling of IMAGE, still taken (repeatable), no longer shown.
+    parser.add_argument("--image", action="append", default=[], help=argparse.SUPPRESS)
     cli.add_model_arguments(parser)
     parser.add_argument("-k", "--topk", type=int, metavar="K",
                         help="number of classes to show per image [5, or every class of a smaller head]")
@@ -92,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "camera module)")
     streaming.add_argument("--picam-fps", type=float, metavar="F",
                            help=f"with --video picam: at most F frames per second from the camera "
-                                f"[{streams.PICAM_FPS:g}]")
+                                f"[{pi_camera.PICAM_FPS:g}]")
     streaming.add_argument("--picam-mode", type=_mode_size, metavar="WxH",
                            help="with --video picam: the sensor mode to read (`rpicam-hello --list-cameras` "
                                 "lists them) [the smallest full-field mode at least "
-                                f"{streams.FRAME_HEIGHT} rows tall, e.g. 1640x1232 on Camera Module 2]")
+                                f"{pi_camera.FRAME_HEIGHT} rows tall, e.g. 1640x1232 on Camera Module 2]")
     streaming.add_argument("--max-frames", type=int, metavar="N", help="with --video: stop after N classified frames")
     streaming.add_argument("--every-s", type=float, default=0.0, metavar="S",
                            help="with --video: at most one classification every S seconds [%(default)s: "
@@ -144,22 +144,23 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--max-frames must be >= 1, got {args.max_frames}")
     if not args.every_s >= 0:
         parser.error(f"--every-s must be >= 0, got {args.every_s}")
-    if args.topk is not None and args.topk < 1:
-        parser.error(f"--topk must be >= 1, got {args.topk}")
     if args.benchmark < 0:
         parser.error(f"--benchmark must be >= 0, got {args.benchmark}")
     _check_picam_args(parser, args)
-    cli.check_environment(parser, args)
+    try:
+        check_topk(args.topk)
+    except ConfigError as error:
+        parser.error(cli.message(error))
+    args.config = cli.classifier_config(parser, args)
 
 
 def load(args) -> Classifier:
+    """The Classifier of the options (this process tuned for it), checked against --topk."""
     if args.trust_checkpoint:
         _log.warning("--trust-checkpoint: unpickling the checkpoint may run code from it")
-    return Classifier(args.checkpoint, args.model, threads=args.threads, quantize=args.quantize,
-                      input_size=args.input_size, exact_preprocess=args.exact_preprocess, backend=args.backend,
-                      max_image_mb=args.max_image_mb,
-                      device=args.device, ema=args.ema, trust_checkpoint=args.trust_checkpoint,
-                      progress=not args.quiet, warmup=False)
+    clf = Classifier(config=args.config, tune_process=True, progress=not args.quiet, warmup=False)
+    clf.check_topk(args.topk)
+    return clf
 
 
 def benchmark(clf: Classifier, x, runs: int) -> dict:
@@ -180,7 +181,7 @@ def classify_path(clf: Classifier, image, topk: int) -> dict:
     try:
         prediction = clf.classify(image, topk)
     except ImageError as e:
-        return failed(image, str(e))
+        return failed(image, cli.message(e))
     return {"image": image, "topk": prediction.topk, "timing_ms": prediction.timing_ms}
 
 
@@ -205,7 +206,6 @@ def classify_paths(clf: Classifier, paths, topk: int, recursive: bool):
 def run(args) -> tuple:
     """Everything after argument checks. Returns (report dict in the --json schema, exit status)."""
     clf = load(args)
-    clf.check_topk(args.topk)
     results = list(classify_paths(clf, args.images, args.topk, args.recursive))
     info = clf.info()
     report = {
@@ -235,7 +235,11 @@ def _ready(clf: Classifier) -> None:
     """Warm the model up (so the first frame or path is not the slow one) and say what runs."""
     clf.warmup()
     info = clf.info()
-    _log.info(f"model {info['model']}, {info['threads']} threads, loaded in {clf.load_ms:.0f} ms")
+    _log.info(f"model {info['model']}, {_threads(info['threads'])}, loaded in {clf.load_ms:.0f} ms")
+
+
+def _threads(count: int) -> str:
+    return "1 thread" if count == 1 else f"{count} threads"
 
 
 def run_video(args) -> int:
@@ -247,7 +251,6 @@ def run_video(args) -> int:
     source = streams.open_video(args.video, picam_fps=args.picam_fps, picam_mode=args.picam_mode)
     try:
         clf = load(args)
-        clf.check_topk(args.topk)
     except BaseException:
         source.close()
         raise
@@ -278,7 +281,6 @@ def run_video(args) -> int:
 def run_paths(args) -> int:
     """--paths-from: classify each path as its line arrives; one result per path, in order."""
     clf = load(args)
-    clf.check_topk(args.topk)
     try:
         lines = sys.stdin.buffer if args.paths_from == "-" else open(args.paths_from, "rb")
     except OSError as error:
@@ -315,10 +317,10 @@ def print_result(result: dict) -> None:
 def print_text(report: dict) -> None:
     for result in report["results"]:
         print_result(result)
-    backend = report["backend"]
-    print(f"model {report['model']}, {report['threads']} threads, quantize {report['quantize']}, "
-          f"torch {report['torch']}, scan {backend['selective_scan']}, "
-          f"conv {backend['causal_conv1d']}")
+    kernels = report["backend"]
+    print(f"model {report['model']}, {_threads(report['threads'])}, quantize {report['quantize']}, "
+          f"torch {report['torch']}; kernels: mixer {kernels['mixer']} (conv {kernels['causal_conv1d']}, "
+          f"scan {kernels['selective_scan']}), norm {kernels['rms_norm']}")
     print(f"load {report['timing_ms']['load']:.0f} ms, peak RSS {report['peak_rss_mb']:.0f} MB")
     if "benchmark" in report:
         bench = report["benchmark"]

@@ -34,7 +34,7 @@ try:
     import torch.distributed as dist
 
     from vim_rpi import checkpoint_io, cli, engine, factory, folder_dataset, hub, image_preprocess, runtime
-    from vim_rpi.classifier import Classifier
+    from vim_rpi.classifier import Classifier, ClassifierConfig
     from vim_rpi.errors import CheckpointError, ConfigError, DatasetError, DownloadError, TrainingError
 except ModuleNotFoundError as missing:  # run from a checkout that was never installed
     sys.exit(f"error: {missing}; install the project first: pip install -e causal-conv1d -e mamba-1p1p1 -e . "
@@ -87,6 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="ImageFolder root: DIR/train and DIR/val, or DIR/<class>/<images>")
     data.add_argument("--input-size", type=int, metavar="PX",
                       help="side of the square model input [default: the checkpoint's]")
+    cli.add_image_budget_argument(data)
     data.add_argument("--batch-size", type=int, default=1, metavar="N",
                       help="images per forward pass (per process) [%(default)s]")
     data.add_argument("--num-workers", "--num_workers", type=int, default=0, metavar="N",
@@ -138,8 +139,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject usage errors (exit 2) before any slow work."""
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ClassifierConfig:
+    """Reject usage errors (exit 2) before any slow work; the model's config."""
     if args.eval and not args.resume:
         parser.error("--eval needs the checkpoint to evaluate: --resume CKPT")
     if args.eval and args.finetune:
@@ -172,7 +173,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         for path in (out / name for name in OUTPUT_FILES):
             if path.is_dir():
                 parser.error(f"--output-dir: {path} is a directory")
-    cli.check_environment(parser, args)
+    # --eval reads the checkpoint at its official pixels (exact decode), as the published accuracies were measured
+    return cli.classifier_config(parser, args, spell=spell, checkpoint=args.resume or args.finetune,
+                                 exact_preprocess=True)
+
+
+def spell(name):
+    """This command line's spelling of option `name` (the checkpoint is --resume or --finetune)."""
+    return "--resume/--finetune" if name == "checkpoint" else cli.flag(name)
 
 
 # ---------------------------------------------------------------- shared steps
@@ -223,8 +231,8 @@ def check_class_count(dataset, num_classes: int) -> None:
                      "is scored as output class i", dataset.root, found, num_classes)
 
 
-def eval_dataset(data_path, transform):
-    return folder_dataset.FolderDataset(folder_dataset.split_dir(data_path, "val"), transform)
+def eval_dataset(data_path, preprocess):
+    return folder_dataset.FolderDataset(folder_dataset.split_dir(data_path, "val"), preprocess)
 
 
 def run_evaluation(model, dataset, indices, args, device, desc="eval") -> dict:
@@ -240,14 +248,13 @@ def format_eval(stats: dict) -> str:
 
 # ---------------------------------------------------------------- --eval
 
-def evaluate_checkpoint(args) -> dict:
+def evaluate_checkpoint(args, config) -> dict:
     """--eval: the report dict (see EPILOG)."""
     _, world = engine.rank_and_world()
-    clf = Classifier(fetch_checkpoint(args.resume, args.quiet), args.model, input_size=args.input_size,
-                     backend=args.backend, device=args.device, ema=args.ema, trust_checkpoint=args.trust_checkpoint,
-                     progress=not args.quiet, warmup=False)
+    fetch_checkpoint(args.resume, args.quiet)
+    clf = Classifier(config=config, tune_process=True, progress=not args.quiet, warmup=False)
     path = clf.checkpoint
-    dataset = eval_dataset(args.data_path, clf.transform)
+    dataset = eval_dataset(args.data_path, clf.preprocessor)
     check_class_count(dataset, clf.num_classes)
     indices = subset_indices(len(dataset), args.limit)
     _log.info("evaluating %s (%s) on %d of %d images in %s, %d classes, input %d px, "
@@ -268,32 +275,32 @@ def training_datasets(data_path, model, input_size: int):
         raise DatasetError(
             f"{root} has val/ but no train/: put the training images in {root}/train/<class>/")
     transform, augmentation = folder_dataset.build_train_transform(input_size)
-    train_set = folder_dataset.FolderDataset(folder_dataset.split_dir(root, "train"), transform)
-    val_transform = image_preprocess.transform_for(model.pretrained_cfg, input_size)
-    val_set = eval_dataset(root, val_transform) if (root / "val").is_dir() else None
+    train_set = folder_dataset.FolderDataset(folder_dataset.split_dir(root, "train"),
+                                             folder_dataset.augmented(transform))
+    val_preprocess = image_preprocess.preprocessor(model.pretrained_cfg, input_size, exact=True)
+    val_set = eval_dataset(root, val_preprocess) if (root / "val").is_dir() else None
     if val_set is not None and val_set.classes != train_set.classes:
         raise DatasetError(
             f"{train_set.root} and {val_set.root} have different class folders")
     return train_set, val_set, augmentation
 
 
-def starting_model(args):
+def starting_model(args, config):
     """(model, info, checkpoint dict to resume from or None), before the head is adapted."""
     model_kwargs = {"drop_rate": args.drop, "drop_path_rate": args.drop_path}
-    spec = args.resume or args.finetune
-    if not spec:
-        _log.warning("no --finetune checkpoint: training %s from random weights", args.model)
-        size = {} if args.input_size is None else {"img_size": args.input_size}
-        model = factory.create_model(args.model, **size, **model_kwargs)
+    if not config.checkpoint:
+        _log.warning("no --finetune checkpoint: training %s from random weights", config.model)
+        size = {} if config.input_size is None else {"img_size": config.input_size}
+        model = factory.create_model(config.model, **size, **model_kwargs)
         return model, {"model": model.model_name, "checkpoint": None,
                        "num_classes": model.num_classes,
                        "input_size": model.patch_embed.img_size[0]}, None
-    model, info = factory.load_model(fetch_checkpoint(spec, args.quiet), args.model,
-                                     trust_pickle=args.trust_checkpoint, input_size=args.input_size,
+    model, info = factory.load_model(fetch_checkpoint(config.checkpoint, args.quiet), config.model,
+                                     trust_pickle=config.trust_checkpoint, input_size=config.input_size,
                                      progress=not args.quiet, **model_kwargs)
     state = None
     if args.resume:
-        state = checkpoint_io.read_checkpoint(info["checkpoint"], trust_pickle=args.trust_checkpoint)
+        state = checkpoint_io.read_checkpoint(info["checkpoint"], trust_pickle=config.trust_checkpoint)
     return model, info, state
 
 
@@ -355,14 +362,15 @@ class TrainingRun:
     start_epoch: int
 
 
-def prepare_training(args, device) -> TrainingRun:
+def prepare_training(args, config) -> TrainingRun:
     rank, world = engine.rank_and_world()
     seed_everything(args.seed)  # the same new head on every rank
-    model, info, state = starting_model(args)
+    device = torch.device(config.device)
+    model, info, state = starting_model(args, config)
     train_set, val_set, augmentation = training_datasets(args.data_path, model, info["input_size"])
     adapt_head(model, info, len(train_set.classes), resuming=state is not None)
     model.to(device)
-    model.set_backend(args.backend)  # checked by runtime.check_backend before anything was loaded
+    model.set_backend(config.backend)  # checked when the config was made, before anything was loaded
     model_ema = engine.ModelEma(model, args.model_ema_decay) if args.model_ema else None
     optimizer = torch.optim.AdamW(engine.param_groups_weight_decay(model, args.weight_decay),
                                   lr=args.lr)
@@ -421,13 +429,14 @@ def _make_output_dir(output_dir) -> None:
         raise ConfigError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from None
 
 
-def train(args, device) -> dict:
+def train(args, config) -> dict:
     """Fine-tune (or resume, or train from scratch); returns the report dict (see EPILOG)."""
     rank, world = engine.rank_and_world()
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and rank == 0:
         _make_output_dir(output_dir)  # before loading anything: a bad path fails at once
-    run = prepare_training(args, device)
+    run = prepare_training(args, config)
+    device = torch.device(config.device)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
     history, best_acc1 = [], _previous_best_acc1(output_dir, run.start_epoch)
     for epoch in range(run.start_epoch, args.epochs):
@@ -474,27 +483,25 @@ def format_report(report: dict) -> str:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    config = check_args(parser, args)
     rank = 0
 
     def work():
         nonlocal rank
         rank, world = engine.init_distributed()
         cli.setup(args.quiet, rank)  # other ranks would repeat rank 0's log lines: errors only
-        if args.threads:
-            runtime.set_threads(args.threads)
         if args.eval:
-            report = evaluate_checkpoint(args)
+            report = evaluate_checkpoint(args, config)
         else:
-            device = runtime.check_device(args.device)
-            runtime.check_backend(args.backend, device)
-            report = train(args, device)
+            runtime.tune_process(config.threads)
+            report = train(args, config)
         if rank == 0:
             print(json.dumps(report, indent=2) if args.json else format_report(report))
         return cli.EXIT_OK
 
     try:
-        return cli.run(parser, work, prefix=lambda: f"error (rank {rank})" if engine.rank_and_world()[1] > 1 else "error")
+        return cli.run(parser, work, spell=spell,
+                       prefix=lambda: f"error (rank {rank})" if engine.rank_and_world()[1] > 1 else "error")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -30,19 +30,7 @@ def _entrypoint(name, doc):
     return create
 
 
-_ENTRYPOINTS = [
-    _entrypoint("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-                "Vim-Tiny, 197 tokens (76.1% top-1)."),
-    _entrypoint("vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-                "Vim-Tiny+, stride 8, 730 tokens (78.3% top-1)."),
-    _entrypoint("vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-                "Vim-Small, 197 tokens (80.5% top-1)."),
-    _entrypoint("vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-                "Vim-Small+, stride 8, 730 tokens (81.6% top-1)."),
-    _entrypoint("vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2",
-                "Vim-Base, 197 tokens (81.9% top-1)."),
-]
-assert sorted(fn.__name__ for fn in _ENTRYPOINTS) == registry.list_models()
+_ENTRYPOINTS = [_entrypoint(name, registry.description(name)) for name in registry.list_models()]
 
 
 def register_with_timm():

@@ -10,7 +10,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from vim_rpi.errors import ConfigError
+from vim_rpi.errors import ConfigError, option
 
 QUANTIZE_MODES = ("none", "dynamic-int8")
 
@@ -23,7 +23,8 @@ def quantize_model(model, mode):
         return model
     engines = torch.backends.quantized.supported_engines
     if not any(e != "none" for e in engines):
-        raise ConfigError("this PyTorch build has no quantized CPU engine; run with --quantize none")
+        raise ConfigError(f"this PyTorch build has no quantized CPU engine; run with {option('quantize')} none",
+                          "quantize")
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():

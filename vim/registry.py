@@ -9,13 +9,14 @@ Each registered name has:
   - a pretrained config (weights and data settings, never architecture): where the released
     weights live on the Hugging Face Hub (`hf_hub_id`, `hf_hub_filename`), num_classes,
     input_size, crop_pct, interpolation, mean, std;
-  - a short alias (`vim_tiny`...). The long names are upstream's (hustvl/Vim `models_mamba.py`).
+  - a short alias (`vim_tiny`...) and a one-line description. The long names are upstream's
+    (hustvl/Vim `models_mamba.py`, whose functions `vim_rpi.models_mamba` makes from this list).
 """
 
 import difflib
 
 __all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "DEFAULT_CROP_PCT", "DEFAULT_MODEL",
-           "list_models", "is_model", "resolve_model_name", "model_architecture", "pretrained_cfg"]
+           "list_models", "is_model", "resolve_model_name", "model_architecture", "pretrained_cfg", "description"]
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -25,6 +26,7 @@ DEFAULT_MODEL = "vim_tiny"  # what the front ends run when no model or checkpoin
 _architectures = {}  # canonical name -> architecture kwargs of that name
 _aliases = {}  # short name -> canonical name
 _pretrained_cfgs = {}  # canonical name -> weights and data settings
+_descriptions = {}  # canonical name -> one line: the variant, its tokens, its published top-1
 
 # The architecture shared by every released model (hustvl/Vim's registered functions).
 VIM_V2 = dict(patch_size=16, depth=24, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
@@ -49,27 +51,31 @@ def _cfg(hf_hub_id=None, hf_hub_filename=None, **kwargs):
     }
 
 
-def _register(name, alias, cfg, **arch):
+def _register(name, alias, description, cfg, **arch):
     if name in _architectures or alias in _aliases:
         raise ValueError(f"model name {name!r} (alias {alias!r}) is already registered")
     _architectures[name] = {**VIM_V2, **arch}
     _aliases[alias] = name
+    _descriptions[name] = description
     _pretrained_cfgs[name] = cfg
 
 
-_register("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2", "vim_tiny",
-          _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"), embed_dim=192, stride=16)
-_register("vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-          "vim_tiny_stride8", _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth"),
-          embed_dim=192, stride=8)
-_register("vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2", "vim_small",
-          _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"), embed_dim=384, stride=16)
-_register("vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
-          "vim_small_stride8", _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth"),
-          embed_dim=384, stride=8)
-# Vim-Base's weights are not published under a known file name: no hf_hub_filename.
-_register("vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2", "vim_base",
-          _cfg("hustvl/Vim-base-midclstok"), embed_dim=768, stride=16)
+# name, alias, description, Hub repository, released file (None: not published), embed_dim, stride
+for _name, _alias, _description, _repo, _file, _dim, _stride in (
+    ("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2", "vim_tiny",
+     "Vim-Tiny, 197 tokens (76.1% top-1).", "hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth", 192, 16),
+    ("vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2", "vim_tiny_stride8",
+     "Vim-Tiny+, stride 8, 730 tokens (78.3% top-1).", "hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth",
+     192, 8),
+    ("vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2", "vim_small",
+     "Vim-Small, 197 tokens (80.5% top-1).", "hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth", 384, 16),
+    ("vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2", "vim_small_stride8",
+     "Vim-Small+, stride 8, 730 tokens (81.6% top-1).", "hustvl/Vim-small-midclstok",
+     "vim_s_midclstok_ft_81p6acc.pth", 384, 8),
+    ("vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2", "vim_base",
+     "Vim-Base, 197 tokens (81.9% top-1).", "hustvl/Vim-base-midclstok", None, 768, 16),
+):
+    _register(_name, _alias, _description, _cfg(_repo, _file), embed_dim=_dim, stride=_stride)
 
 
 def list_models(pattern=None, include_aliases=False):
@@ -96,6 +102,11 @@ def resolve_model_name(name):
 def model_architecture(name):
     """The full constructor kwargs a registered name stands for."""
     return dict(_architectures[resolve_model_name(name)])
+
+
+def description(name):
+    """One line about a registered name: the variant, its token count, its published top-1."""
+    return _descriptions[resolve_model_name(name)]
 
 
 def pretrained_cfg(name):

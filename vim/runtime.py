@@ -1,7 +1,8 @@
-"""Process-level tuning for CPU inference: thread count, glibc malloc thresholds, peak memory.
+"""Process-level tuning for CPU inference: thread count, glibc malloc thresholds, peak memory;
+and the checks of the device and kernel backend a model will run on.
 
-Used by the classifier (`vim_rpi.Classifier`) and the benchmark, once per process, before the
-first forward.
+`tune_process` changes the whole process, so it is an explicit call: the front ends make it (a
+`Classifier` does with tune_process=True), once, before the first forward.
 """
 
 import ctypes
@@ -13,9 +14,10 @@ import sys
 import torch
 
 from mamba_ssm.ops.kernel_sets import resolve_kernels
-from vim_rpi.errors import ConfigError
+from vim_rpi.errors import ConfigError, option
 
-__all__ = ["set_threads", "tune_malloc", "peak_rss_mb", "check_device", "check_backend"]
+__all__ = ["tune_process", "set_threads", "tune_malloc", "peak_rss_mb", "check_threads", "check_device",
+           "check_backend"]
 
 _log = logging.getLogger(__name__)
 
@@ -29,10 +31,23 @@ _TRIM_THRESHOLD_BYTES = 128 << 20
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
+def tune_process(threads=None) -> None:
+    """Tune this process for inference: `threads` intra-op threads for torch (None: leave torch's
+    setting) and glibc's malloc thresholds (`tune_malloc`). Raises ConfigError for a bad count."""
+    if threads is not None:
+        set_threads(threads)
+    tune_malloc()
+
+
+def check_threads(n) -> None:
+    """A ConfigError unless `n` is a thread count: an integer >= 1."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{option('threads')} must be an integer >= 1, got {n!r}", "threads")
+
+
 def set_threads(n: int) -> None:
     """Use `n` (>= 1) intra-op threads for torch on the CPU."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"thread count must be an integer >= 1, got {n!r}")
+    check_threads(n)
     torch.set_num_threads(n)
 
 
@@ -86,14 +101,16 @@ def peak_rss_mb() -> float:
 
 def check_device(name) -> torch.device:
     """The torch.device for `name` if it can run here (cpu, or cuda with a GPU), else a ConfigError."""
+    device_option = option("device")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: {name!r} is not a device name; use cpu") from None
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{device_option} {name!r} is not a device name; use cpu", "device") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+        raise ConfigError(f"{device_option} {name}: only cpu and cuda are supported", "device")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available here (CPU-only torch or no GPU); use --device cpu")
+        raise ConfigError(f"{device_option} cuda: CUDA is not available here (CPU-only torch or no GPU); use "
+                          f"{device_option} cpu", "device")
     return device
 
 
@@ -106,4 +123,4 @@ def check_backend(backend, device) -> None:
     try:
         resolve_kernels(backend, torch.device(device).type, torch.float32, mode="inference", needs=("mixer", "norm"))
     except (RuntimeError, ValueError) as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(str(error), "backend") from None

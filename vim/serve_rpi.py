@@ -56,6 +56,25 @@ environment:
 """
 
 
+# The server's bounds: (flag, type, default, metavar, what it bounds). Counts (int) are >= 1; sizes and
+# times (float, MB or seconds) > 0, except --grace-s, which may be 0.
+LIMITS = (
+    ("--queue", int, 16, "N", "most requests waiting for the model at once; more are answered 503"),
+    ("--max-batch", int, 8, "N", "most waiting requests run together in one forward; 1: no batching"),
+    ("--decoders", int, 2, "N", "threads decoding images beside the model; a large image holds up only one"),
+    ("--uploads", int, 8, "N", "most uploads in memory at once (from their first byte until decoded); more are "
+                               "answered 503"),
+    ("--max-upload-mb", float, 20.0, "MB", "larger uploads are refused with 413"),
+    ("--upload-idle-s", float, 10.0, "S", "an upload that sends nothing for this long is refused with 408"),
+    ("--upload-timeout-s", float, 60.0, "S", "an upload that takes longer in all is refused with 408"),
+    ("--header-timeout-s", float, 10.0, "S", "a request's line and headers must arrive within this time of the "
+                                             "connection opening (or of the previous answer), or it is closed"),
+    ("--keep-alive-s", float, 5.0, "S", "an idle connection is closed after this long without a byte"),
+    ("--max-connections", int, 64, "N", "most connections open at once; one more closes the one idle the longest"),
+    ("--grace-s", float, 10.0, "S", "on SIGTERM/SIGINT, time left for queued requests; the rest get 503"),
+)
+
+
 def add_server_arguments(parser):
     """The server's own options (no model options: those need the package, and so torch)."""
     parser.add_argument("--host", default="127.0.0.1",
@@ -72,32 +91,10 @@ def add_server_arguments(parser):
     parser.add_argument("--allowed-origins", default="", metavar="ORIGINS",
                         help="other sites whose pages may use the API, comma-separated (e.g. "
                              "http://dashboard.lan:3000); * for any [none: cross-origin requests get 403]")
-    parser.add_argument("--queue", type=int, default=16, metavar="N",
-                        help="most requests waiting for the model at once; more are answered 503 [%(default)s]")
-    parser.add_argument("--max-batch", type=int, default=8, metavar="N",
-                        help="most waiting requests run together in one forward; 1: no batching [%(default)s]")
-    parser.add_argument("--decoders", type=int, default=2, metavar="N",
-                        help="threads decoding images beside the model; a large image holds up only one "
-                             "[%(default)s]")
-    parser.add_argument("--uploads", type=int, default=8, metavar="N",
-                        help="most uploads in memory at once (from their first byte until decoded); more are "
-                             "answered 503 [%(default)s]")
-    parser.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
-                        help="larger uploads are refused with 413 [%(default)s]")
-    parser.add_argument("--upload-idle-s", type=float, default=10.0, metavar="S",
-                        help="an upload that sends nothing for this long is refused with 408 [%(default)s]")
-    parser.add_argument("--upload-timeout-s", type=float, default=60.0, metavar="S",
-                        help="an upload that takes longer in all is refused with 408 [%(default)s]")
-    parser.add_argument("--header-timeout-s", type=float, default=10.0, metavar="S",
-                        help="a request's line and headers must arrive within this time of the connection "
-                             "opening (or of the previous answer), or the connection is closed [%(default)s]")
-    parser.add_argument("--keep-alive-s", type=float, default=5.0, metavar="S",
-                        help="an idle connection is closed after this long without a byte [%(default)s]")
-    parser.add_argument("--max-connections", type=int, default=64, metavar="N",
-                        help="most connections open at once; one more closes the one idle the longest "
-                             "[%(default)s]")
-    parser.add_argument("--grace-s", type=float, default=10.0, metavar="S",
-                        help="on SIGTERM/SIGINT, time left for queued requests; the rest get 503 [%(default)s]")
+    for flag, kind, default, metavar, text in LIMITS:
+        parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} [%(default)s]")
+
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,18 +119,16 @@ def check_args(parser, args) -> None:
 
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
-    for flag in ("queue", "max_batch", "decoders", "uploads", "max_connections"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("max_upload_mb", "upload_idle_s", "upload_timeout_s", "header_timeout_s", "keep_alive_s"):
-        if not getattr(args, flag) > 0:
-            parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
-    if not args.grace_s >= 0:
-        parser.error(f"--grace-s must be >= 0, got {args.grace_s}")
+    for flag, kind, *_ in LIMITS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if kind is int and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+        if kind is float and not (value >= 0 if flag == "--grace-s" else value > 0):
+            parser.error(f"{flag} must be {'>= 0' if flag == '--grace-s' else '> 0'}, got {value}")
     if not access.is_loopback(args.host) and not args.token and not args.insecure_no_token:
         parser.error(f"serving {args.host} needs a token (--token or {TOKEN_ENV}): anyone on the network could "
                      f"use the API; to serve it open anyway, add --insecure-no-token")
-    cli.check_environment(parser, args)
+    args.config = cli.classifier_config(parser, args)
 
 
 class _Lenient(argparse.ArgumentParser):
@@ -242,12 +237,7 @@ def main(argv=None) -> int:
         server.should_exit = True
 
     settings = Settings(
-        classifier_options=dict(checkpoint=args.checkpoint, model=args.model, threads=args.threads,
-                                quantize=args.quantize, input_size=args.input_size,
-                                exact_preprocess=args.exact_preprocess, backend=args.backend, device=args.device,
-                                max_image_mb=args.max_image_mb,
-                                ema=args.ema, trust_checkpoint=args.trust_checkpoint),
-        token=args.token, host=args.host, allowed_hosts=_split(args.allowed_hosts),
+        classifier=args.config, token=args.token, host=args.host, allowed_hosts=_split(args.allowed_hosts),
         allowed_origins=_split(args.allowed_origins), queue=args.queue, max_batch=args.max_batch,
         decoders=args.decoders, uploads=args.uploads, max_upload_mb=args.max_upload_mb,
         upload_idle_s=args.upload_idle_s, upload_timeout_s=args.upload_timeout_s, grace_s=args.grace_s,

@@ -1,6 +1,6 @@
 """The HTTP API and web page of `serve_rpi.py`: a FastAPI app around one `Batcher`.
 
-    app = create_app(Settings(classifier_options={"checkpoint": "ckpt.pth"}))
+    app = create_app(Settings(classifier=ClassifierConfig(checkpoint="ckpt.pth")))
     uvicorn.run(app)                   # what vim/serve_rpi.py does, with its options
 
 Endpoints: POST /v1/classify (the image as the raw body or as the multipart field "image";
@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 import vim_rpi
 from vim_rpi.access import HostAndOrigin, host_names, token_matches
 from vim_rpi.batcher import Batcher, NotReady, QueueFull, ShuttingDown
-from vim_rpi.classifier import Classifier
+from vim_rpi.classifier import Classifier, ClassifierConfig
 from vim_rpi.errors import ConfigError, ImageError, ImageTooLargeError
 from vim_rpi.uploads import IMAGE_FIELD, UploadError, UploadSlots, read_image
 
@@ -55,7 +55,7 @@ _RETRY_AFTER_LOADING_S = 5  # loading takes seconds on a Pi; so does a restart
 class Settings:
     """What the app needs; serve_rpi.py fills it from its options.
 
-    classifier_options: keyword arguments of `vim_rpi.Classifier` (checkpoint, model, threads, ...).
+    classifier: what to load and how (its threads apply to the model's worker thread).
     token: if set, /v1/* requires "Authorization: Bearer <token>".
     host: the address the server listens on; with allowed_hosts, the Host names it answers to
         (`vim_rpi.access.host_names`). allowed_origins: other sites' pages that may use the API.
@@ -70,7 +70,7 @@ class Settings:
     on_load_error: called with the exception when the model cannot be loaded.
     """
 
-    classifier_options: dict = dataclasses.field(default_factory=dict)
+    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     token: Optional[str] = None
     host: str = "127.0.0.1"
     allowed_hosts: list = dataclasses.field(default_factory=list)
@@ -200,7 +200,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The app: load the model when it starts (in the batcher's thread), serve, and on shutdown
     let queued requests finish within `settings.grace_s`; `await app.state.drain()` starts that
     early (serve_rpi.py does when shutdown begins, before uvicorn waits for the connections)."""
-    batcher = Batcher(lambda: Classifier(**settings.classifier_options), queue_size=settings.queue,
+    batcher = Batcher(lambda: Classifier(config=settings.classifier, tune_process=True), queue_size=settings.queue,
                       max_batch=settings.max_batch, decoders=settings.decoders, on_load_error=settings.on_load_error)
     limit = int(settings.max_upload_mb * 2**20)
     slots = UploadSlots(settings.uploads)
@@ -280,7 +280,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             topk = clf.check_topk(topk if "topk" in request.query_params else None)
         except ConfigError as error:
-            raise ApiError(422, str(error).replace("--topk", "topk")) from None
+            raise ApiError(422, str(error)) from None
         if batcher.waiting >= batcher.queue_size:  # refused before its upload is read
             raise _busy("the queue is full; retry shortly")
         claim = slots.claim()
@@ -300,8 +300,8 @@ def create_app(settings: Settings) -> FastAPI:
         del data  # the batcher holds the only reference now: it frees the bytes and the slot once decoded
         try:
             prediction = await _result(future, stopped, request)
-        except ImageTooLargeError as error:
-            raise ApiError(413, str(error)) from None
+        except ImageTooLargeError as error:  # the budget is the server's option: name it as its command line does
+            raise ApiError(413, error.render(lambda name: f"the server's --{name.replace('_', '-')}")) from None
         except ImageError as error:
             raise ApiError(422, str(error)) from None
         except ShuttingDown as error:

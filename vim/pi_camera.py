@@ -1,0 +1,367 @@
+"""The Raspberry Pi camera module as a frame source (`PiCameraSource`), through picamera2.
+
+picamera2 must match the system's libcamera, so it comes from apt (python3-picamera2), not pip,
+and a venv sees it only when made with --system-site-packages; it is imported only when a Pi
+camera is opened, and every way that can fail is one line saying what to do (`picamera2_help`).
+The camera is read in a full-field sensor mode (`choose_sensor_mode`) at a capped frame rate;
+a busy camera names the process that holds it, a missing one says how to check.
+"""
+
+import contextlib
+import errno
+import glob
+import io
+import logging
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+from vim_rpi.errors import ConfigError, SourceError, VimError, option
+
+__all__ = ["PiCameraSource", "choose_sensor_mode", "picamera2_help", "FRAME_HEIGHT", "PICAM_FPS", "PICAM_FORMAT"]
+
+_log = logging.getLogger(__name__)
+
+# Frames: FRAME_HEIGHT rows (above the 256-pixel short side preprocessing takes), as
+# wide as the sensor mode's aspect ratio makes them, in a multiple of _WIDTH_ALIGN pixels (the
+# row alignment picamera2's align_configuration uses on a Pi 4's ISP).
+FRAME_HEIGHT = 480
+_WIDTH_ALIGN = 32
+PICAM_FPS = 15.0  # default frame-rate cap (--picam-fps): above what the model classifies per second on a Pi
+PICAM_FORMAT = "BGR888"  # libcamera's name for [R, G, B] bytes per pixel
+_DARK_FRAME_US = 83_333  # longest frame in the dark (12 fps), so auto-exposure can still expose longer
+_FULL_FIELD = 0.95  # a sensor mode whose crop spans this share of the largest crop, both ways, sees the full field
+_LIBCAMERA_LOG_LEVELS = "*:FATAL"  # libcamera's log: our one-line errors say what went wrong
+_MEDIA_DEVICES = "/dev/media*"  # the camera pipelines' media devices, which libcamera locks while it holds a camera
+_PROC = pathlib.Path("/proc")
+_SYSTEM_DIST_PACKAGES = pathlib.Path("/usr/lib/python3/dist-packages")  # where apt installs python3-picamera2
+
+
+class PiCameraSource:
+    """The Raspberry Pi camera module through picamera2 (libcamera): the sensor's full field of view,
+    at most `max_fps` frames a second.
+
+    Sensor mode. A sensor reads out in a few modes: some cover the whole pixel array (binned 2x2, or
+    at full resolution), others a centre crop at a higher frame rate. Asked for 640x480 frames,
+    picamera2 takes the mode nearest that size, a crop on the common cameras (Camera Module 2,
+    IMX219: 1280x960 of the 3280x2464 array, 39 % of the width, up to 206 fps; Module 3, IMX708:
+    3072x1728 of 4608x2592 at up to 120 fps). This source reads sensor mode `mode` (w, h) when
+    given, else the one `choose_sensor_mode` picks (full field, binned), and its frames keep that
+    mode's aspect ratio, FRAME_HEIGHT rows tall: the whole picture `rpicam-hello` shows.
+
+    Frame rate. The FrameDurationLimits control lets a frame take between 1/max_fps s and, for a
+    longer exposure in the dark, 1/12 s (picamera2's preview default), so the reader thread does
+    not copy frames (1 MB each) much faster than the model takes them.
+
+    Colour. Frames are requested as "BGR888", which libcamera (naming formats the DRM way, by the
+    bits of a little-endian word) lays out as [R, G, B] bytes per pixel, so they need no channel
+    swap; picamera2 trims each row's padding. The configured format and every frame's shape are
+    checked against this.
+
+    Attributes: name ("Pi camera (imx708)"), live, fps (None: the camera paces itself), mode (the
+    sensor mode's (w, h); None for a camera without raw modes), shape ((H, W, 3) of every frame).
+    Raises (at construction): ConfigError without a working picamera2; SourceError for no camera
+    module, a busy camera (naming the process that holds it), a `mode` the sensor lacks, or a
+    configuration other than the one asked for. The camera is closed on every failure after it
+    was opened.
+    """
+
+    live, fps = True, None
+
+    def __init__(self, max_fps=PICAM_FPS, mode=None):
+        if not max_fps > 0:
+            raise ValueError(f"max_fps must be > 0, got {max_fps}")
+        picamera2 = _import_picamera2()
+        self.name, self.mode, self.shape = "Pi camera", None, None
+        try:
+            cameras = picamera2.Picamera2.global_camera_info()  # starts libcamera's camera manager
+        except Exception as error:
+            raise SourceError(_open_failure(error)) from None
+        if not cameras or "/usb" in cameras[0].get("Id", ""):  # picamera2 sorts USB cameras last
+            raise SourceError(_no_camera_module(cameras))
+        try:
+            self._camera = picamera2.Picamera2()
+        except Exception as error:  # picamera2 wraps what libcamera raised in a RuntimeError
+            raise SourceError(_open_failure(error)) from None
+        try:
+            self._start(max_fps, mode)
+        except BaseException as error:
+            with contextlib.suppress(Exception):  # the failure that got us here is the one to report
+                self._camera.close()
+            if isinstance(error, VimError) or not isinstance(error, Exception):
+                raise
+            raise SourceError(f"{self.name} could not be started: {_reason(error)}") from None
+
+    def _start(self, max_fps, mode):
+        camera = self._camera
+        model = camera.camera_properties.get("Model")
+        if model:
+            self.name = f"Pi camera ({model})"
+        chosen = choose_sensor_mode(camera.sensor_modes, mode, self.name)
+        sensor, size = {}, (640, FRAME_HEIGHT)
+        if chosen is not None:
+            self.mode = tuple(chosen["size"])
+            sensor = {"output_size": self.mode, "bit_depth": chosen["bit_depth"]}
+            size = _frame_size(self.mode)
+        controls = {}
+        if "FrameDurationLimits" in camera.camera_controls:
+            shortest = round(1e6 / max_fps)
+            controls["FrameDurationLimits"] = (shortest, max(shortest, _DARK_FRAME_US))
+        camera.configure(camera.create_preview_configuration(main={"size": size, "format": PICAM_FORMAT},
+                                                             sensor=sensor, controls=controls))
+        self._check(camera.camera_config)
+        camera.start()
+        mode_text = f"sensor mode {self.mode[0]}x{self.mode[1]}, " if self.mode else ""
+        _log.info(f"{self.name}: {mode_text}{self.shape[1]}x{self.shape[0]} frames, at most {max_fps:g} per second")
+
+    def _check(self, config):
+        """Fail unless the camera was configured as the code reads it: PICAM_FORMAT frames (RGB) from
+        the chosen sensor mode. Sets `shape` from the configured size (libcamera may adjust it)."""
+        main = config["main"]
+        if main["format"] != PICAM_FORMAT:
+            raise SourceError(f"{self.name} was configured for {main['format']} frames, not {PICAM_FORMAT} (RGB): "
+                              "this picamera2 or libcamera does not deliver what vim_rpi reads")
+        width, height = main["size"]
+        self.shape = (height, width, 3)
+        running = (config.get("sensor") or {}).get("output_size")
+        if self.mode is not None and running is not None and tuple(running) != self.mode:
+            raise SourceError(f"{self.name} runs sensor mode {running[0]}x{running[1]}, not the "
+                              f"{self.mode[0]}x{self.mode[1]} asked for")
+
+    def read(self):
+        """The next frame, RGB uint8 (H, W, 3) of `shape`. Blocks while the camera delivers none (a
+        stalled camera: the stream's watchdog gives up on it). Raises SourceError when picamera2
+        fails or delivers a frame of another shape or type."""
+        try:
+            pixels = self._camera.capture_array("main")
+        except Exception as error:  # picamera2 raises several kinds when the camera goes away
+            raise SourceError(f"{self.name} stopped delivering frames: {error}") from None
+        if pixels.shape != self.shape or pixels.dtype != np.uint8:
+            raise SourceError(f"{self.name} delivered a {pixels.dtype} frame of shape {pixels.shape}, not the "
+                              f"configured uint8 {self.shape}")
+        return pixels
+
+    def close(self):
+        try:
+            self._camera.stop()
+        finally:
+            self._camera.close()
+
+
+def choose_sensor_mode(modes, size=None, name="the Pi camera"):
+    """The sensor mode to read: the one of `size` (w, h) when given (of the highest bit depth), else
+    the smallest mode that covers the full field of view and is at least FRAME_HEIGHT rows tall,
+    or the largest full-field mode when none is that tall. A mode covers the full field when its
+    crop spans at least _FULL_FIELD of the largest crop's width and height. On the Raspberry Pi
+    cameras that is a binned mode (Camera Module 1, OV5647: 640x480; Module 2, IMX219: 1640x1232;
+    Module 3, IMX708: 2304x1296; HQ, IMX477: 2028x1520), where the mode nearest 640x480 is a
+    centre crop on all but Module 1.
+
+    Args:
+        modes: picamera2's `sensor_modes`: dicts with "size" (w, h), "bit_depth", "fps" and
+            "crop_limits" (x, y, w, h) in pixel-array coordinates; entries without "size" (not a
+            raw sensor) are ignored.
+        size: the (w, h) of the mode wanted (--picam-mode), or None.
+        name: the camera, for messages.
+    Returns: the chosen mode dict, or None when no mode has a size (nothing to choose).
+    Raises: SourceError when `size` is not one of the modes' sizes.
+    """
+    sized = [mode for mode in modes if "size" in mode and "crop_limits" in mode]
+    if size is not None:
+        matching = [mode for mode in sized if tuple(mode["size"]) == tuple(size)]
+        if not matching:
+            listed = ", ".join(f"{w}x{h}" for w, h in sorted({tuple(mode["size"]) for mode in sized})) or "none"
+            raise SourceError(f"{name} has no sensor mode {size[0]}x{size[1]} ({option('picam_mode')}); its modes: {listed}")
+        return max(matching, key=lambda mode: mode["bit_depth"])
+    if not sized:
+        return None
+    largest = max(sized, key=lambda mode: mode["crop_limits"][2] * mode["crop_limits"][3])["crop_limits"]
+    full = [mode for mode in sized if mode["crop_limits"][2] >= _FULL_FIELD * largest[2]
+            and mode["crop_limits"][3] >= _FULL_FIELD * largest[3]]
+    tall = [mode for mode in full if mode["size"][1] >= FRAME_HEIGHT]
+    if tall:
+        return min(tall, key=lambda mode: (mode["size"][0] * mode["size"][1], -mode["bit_depth"]))
+    return max(full, key=lambda mode: (mode["size"][0] * mode["size"][1], mode["bit_depth"]))
+
+
+def _frame_size(mode_size):
+    """(w, h) of the frames read from a sensor mode of `mode_size` (w, h): FRAME_HEIGHT rows (a
+    shorter mode's own height) and the mode's aspect ratio, the width a multiple of _WIDTH_ALIGN."""
+    width, height = mode_size
+    rows = min(FRAME_HEIGHT, height) // 2 * 2
+    return max(_WIDTH_ALIGN, round(rows * width / height / _WIDTH_ALIGN) * _WIDTH_ALIGN), rows
+
+
+def _chain(error):
+    """`error` and the exceptions it was raised from (__cause__, else __context__), outermost first."""
+    chain = [error]
+    while (error := error.__cause__ or error.__context__) is not None and error not in chain:
+        chain.append(error)
+    return chain
+
+
+def _reason(error):
+    """The innermost cause of `error` in one short line (picamera2's messages can hold a whole
+    configuration dict, which is cut off)."""
+    root = _chain(error)[-1]
+    lines = str(root).strip().splitlines()
+    text = lines[0].split(": {", 1)[0] if lines else type(root).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _open_failure(error):
+    """The message for Picamera2() failing: the camera busy (who holds it, how to free it), gone,
+    or libcamera's own reason."""
+    chain = _chain(error)
+    if any(isinstance(e, IndexError) for e in chain):  # picamera2 indexes its list of cameras
+        return _no_camera_module([])
+    if any(getattr(e, "errno", None) == errno.EBUSY or os.strerror(errno.EBUSY) in str(e) for e in chain):
+        return _camera_busy(_camera_lock_holders())
+    return (f"the Pi camera could not be opened: {_reason(error)} (`rpicam-hello --list-cameras` lists the "
+            "cameras libcamera sees)")
+
+
+def _no_camera_module(cameras):
+    """What to check when libcamera lists no camera module (`cameras`: the USB cameras it lists)."""
+    denied = [path for path in sorted(glob.glob(_MEDIA_DEVICES)) if not os.access(path, os.R_OK | os.W_OK)]
+    if denied:
+        return (f"no camera found: this user may not open {denied[0]} (libcamera needs the video group): "
+                "sudo usermod -aG video $USER, then log in again")
+    if cameras:
+        return (f"libcamera finds no camera module, only a USB camera: read that with {option('video')} N or its "
+                "/dev/v4l/by-id/ path (`v4l2-ctl --list-devices` lists them)")
+    return ("no camera module found: `rpicam-hello --list-cameras` should list it; if it does not, power off and "
+            "reseat the ribbon cable at both ends (contacts the right way round), and check that "
+            "/boot/firmware/config.txt has camera_auto_detect=1 or the dtoverlay line for your sensor")
+
+
+def _camera_busy(holders):
+    """The message for a camera another process holds (`holders`: their pids, maybe none known)."""
+    if not holders:
+        return ("the Pi camera is in use by another program (an rpicam or libcamera app, a picamera2 script, "
+                "another infer_rpi.py, or a service such as motion); `sudo fuser -v /dev/media*` names it")
+    return "the Pi camera is in use by " + "; and by ".join(
+        f"{who}: {how}" for who, how in (_describe_process(pid) for pid in holders))
+
+
+def _camera_lock_holders(devices=None, locks=None):
+    """Pids of the other processes that hold a camera: libcamera takes a POSIX lock (lockf) on each
+    media device (/dev/media*) of a camera it acquires, and /proc/locks lists each lock's pid and
+    file (major:minor of its file system in hex, then the inode). Empty when none can be found."""
+    files = {}
+    for path in glob.glob(_MEDIA_DEVICES if devices is None else devices):
+        with contextlib.suppress(OSError):
+            status = os.stat(path)
+            files[(os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)] = path
+    try:
+        lines = (_PROC / "locks" if locks is None else locks).read_text().splitlines()
+    except OSError:
+        return []
+    holders = []
+    for line in lines:  # "1: POSIX  ADVISORY  WRITE 1234 00:05:301 0 EOF"; a waiter has "->" after the number
+        fields = line.split()[1:]
+        if len(fields) < 5 or fields[0] == "->":
+            continue
+        try:
+            pid = int(fields[3])
+            major, minor, inode = fields[4].split(":")
+            key = (int(major, 16), int(minor, 16), int(inode))
+        except ValueError:
+            continue
+        if key in files and pid > 0 and pid != os.getpid() and pid not in holders:
+            holders.append(pid)
+    return holders
+
+
+def _describe_process(pid, proc=None):
+    """(who, how to free the camera) for process `pid`: a system service, a user's service (e.g.
+    PipeWire's wireplumber), or a program, told apart by the systemd unit its cgroup names."""
+    base = (_PROC if proc is None else proc) / str(pid)
+    try:
+        program = " ".join(os.fsdecode(arg) for arg in (base / "cmdline").read_bytes().split(b"\0")[:2] if arg)
+    except OSError:
+        program = ""
+    try:
+        cgroups = (base / "cgroup").read_text().splitlines()
+    except OSError:
+        cgroups = []
+    for line in cgroups:  # "0::/system.slice/motion.service"; v1 systems also have "1:name=systemd:/..."
+        path = line.split(":", 2)[-1]
+        unit = path.rsplit("/", 1)[-1]
+        if unit.endswith(".service"):
+            if "/user@" in path:
+                return (f"the user service {unit} (pid {pid}: {program})", f"stop it: systemctl --user stop {unit}")
+            return f"the service {unit} (pid {pid}: {program})", f"stop it: sudo systemctl stop {unit}"
+    return f"pid {pid} ({program or 'a process that has ended'})", f"close it, or end it: kill {pid}"
+
+
+def _import_picamera2():
+    """Import picamera2 (apt's python3-picamera2) so that a failure is one line: libcamera logs
+    only fatal errors unless LIBCAMERA_LOG_LEVELS says otherwise (it reads the variable once, when
+    first loaded), picamera2's Python loggers only critical ones, and what the import prints (numpy
+    warns about modules built for another numpy) is shown only when it succeeds.
+    Raises ConfigError when picamera2 is missing, or found but fails to import."""
+    os.environ.setdefault("LIBCAMERA_LOG_LEVELS", _LIBCAMERA_LOG_LEVELS)
+    logging.getLogger("picamera2").setLevel(logging.CRITICAL)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            import picamera2
+    except ModuleNotFoundError as error:
+        if error.name != "picamera2":
+            raise ConfigError(_broken_picamera2(error)) from None
+        raise ConfigError(f"{option('video')} picam needs picamera2 ({error}). " + picamera2_help()) from None
+    except Exception as error:  # found, but broken: typically a numpy other than the one apt's build expects
+        raise ConfigError(_broken_picamera2(error)) from None
+    sys.stderr.write(printed.getvalue())
+    return picamera2
+
+
+def _broken_picamera2(error):
+    """The message for a picamera2 that is installed but fails to import with `error`. apt builds
+    python3-picamera2's compiled dependencies (simplejpeg) against the system's numpy; a numpy
+    pip-installed into the venv hides it, and simplejpeg then fails with "numpy.dtype size
+    changed" (bookworm: numpy 1.24 against the venv's numpy 2)."""
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else ""
+    message = f"{option('video')} picam: picamera2 fails to import ({type(error).__name__}: {first_line})"
+    numpy_dir = pathlib.Path(np.__file__).parent.parent
+    if "numpy" not in text.lower() or numpy_dir == _SYSTEM_DIST_PACKAGES:
+        return message + "; run `python3 -c 'import picamera2'` to see why"
+    return (f"{message}: apt's picamera2 is built against the system's numpy, which numpy {np.__version__} in "
+            f"{numpy_dir} hides; run: bash scripts/setup_rpi.sh --system-site-packages (it removes that numpy "
+            "from the venv)")
+
+
+def picamera2_help(prefix=None, base_prefix=None, system_packages=_SYSTEM_DIST_PACKAGES):
+    """What to do when picamera2 does not import. Raspberry Pi OS ships it as the apt package
+    python3-picamera2 (it must match the system's libcamera, so not from pip), which a venv sees
+    only when it was made with --system-site-packages."""
+    prefix = sys.prefix if prefix is None else prefix
+    base_prefix = sys.base_prefix if base_prefix is None else base_prefix
+    steps = []
+    if not (system_packages / "picamera2").is_dir():
+        steps.append("install it: sudo apt install python3-picamera2")
+    if prefix != base_prefix and not _sees_system_packages(pathlib.Path(prefix)):
+        steps.append(f"this venv ({prefix}) does not see system packages; let it, keeping what it holds: "
+                     f"bash scripts/setup_rpi.sh --system-site-packages (or python3 -m venv --system-site-packages "
+                     f"{prefix})")
+    if not steps:
+        steps.append("python3-picamera2 is installed but does not import with this Python: run "
+                     "`python3 -c 'import picamera2'` to see why")
+    return "; then ".join(steps)
+
+
+def _sees_system_packages(venv):
+    """Whether the venv's pyvenv.cfg says include-system-site-packages = true."""
+    try:
+        lines = (venv / "pyvenv.cfg").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip() == "include-system-site-packages":
+            return value.strip().lower() == "true"
+    return False
