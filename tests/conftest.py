@@ -13,6 +13,17 @@ def one_thread():
 
 
 @pytest.fixture
+def processes():
+    """Started subprocesses, killed at teardown if a test left one running."""
+    started = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
 def main_in_process(monkeypatch, capsys, tmp_path):
     """vim/infer_rpi.py's main() run inside pytest (cheaper than a process), with an empty
     download cache: returns run(args) -> (exit code, stdout, stderr); restores the thread count."""

@@ -31,9 +31,9 @@ from causal_conv1d import backends
 from mamba_ssm import Mamba, env
 from mamba_ssm.ops import backends as scan_backends
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-from test_causal_conv1d import conv_oracle, make_inputs, rel_err
-from test_mamba_module import hidden_states, make_mixer, mixer_oracle, params64
-from test_selective_scan import make_scan_inputs, scan_oracle
+
+from kernel_inputs import hidden_states, make_conv_inputs, make_mixer, make_scan_inputs
+from oracles import conv_oracle, mixer_oracle, params64, rel_err, scan_oracle
 
 CONV_ENV, SCAN_ENV = "CAUSAL_CONV1D_FORCE_FALLBACK", "SELECTIVE_SCAN_FORCE_FALLBACK"
 CONV_EXT, SCAN_EXT = "causal_conv1d_cuda", "selective_scan_cuda"
@@ -133,7 +133,7 @@ def doubles(clean):
 
 
 def conv_call(x):
-    _, weight, bias, _ = make_inputs(*x.shape, 4, seed=1)
+    _, weight, bias, _ = make_conv_inputs(*x.shape, 4, seed=1)
     want, _ = conv_oracle(plain(x), weight, bias, activation="silu")
     return causal_conv1d_fn(x, weight, bias, activation="silu"), want
 
@@ -200,7 +200,7 @@ def test_variables_are_read_per_call(doubles, clean):
 
 def test_extension_backward_and_update_are_routed(doubles):
     x = fake_cuda(torch.randn(2, 4, 6)).requires_grad_()
-    _, weight, bias, _ = make_inputs(2, 4, 6, 4, seed=1)
+    _, weight, bias, _ = make_conv_inputs(2, 4, 6, 4, seed=1)
     causal_conv1d_fn(x, weight, bias, activation="silu").sum().backward()
     assert doubles == ["conv_fwd", "conv_bwd"] and torch.equal(plain(x.grad), torch.full((2, 4, 6), 2.0))
 

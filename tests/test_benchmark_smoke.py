@@ -18,6 +18,7 @@ from causal_conv1d import backends
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+pytestmark = pytest.mark.slow  # every test reads one run of the benchmark script
 
 
 def _run(*args):

@@ -1,10 +1,10 @@
 """The fused numba kernels of the v2 mixer (`mamba_ssm.ops.bimamba_v2_numba`) against float64.
 
-Oracles: `test_mamba_module.mixer_oracle` (one mixer, from its parameters) and
-`vim_reference.vim_forward` (a whole Vim). float32 results must be within 1e-4 (max abs error
-over max abs value) of them. Every call here is checked to have run the fused kernels (not the
-torch path). Skipped without numba (the main suite runs without it); the
-broken-numba checks run in fresh processes with a stand-in numba package.
+Oracles: `oracles.mixer_oracle` (one mixer, from its parameters) and `oracles.vim_forward` (a
+whole Vim). float32 results must be within 1e-4 (max abs error over max abs value) of them. Every
+call here is checked to have run the fused kernels (not the torch path). Skipped without numba
+(the main suite runs without it); the broken-numba checks run in fresh processes with a stand-in
+numba package.
 """
 
 import copy
@@ -17,14 +17,13 @@ import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mamba_ssm
 from mamba_ssm import Mamba, env
 from mamba_ssm.ops import bimamba_v2_numba as fused
-from test_causal_conv1d import rel_err
-from test_mamba_module import mixer_oracle, params64
-from test_selective_scan import inner_oracle
+
+from kernel_inputs import D_STATE, hidden_states, make_mixer
+from oracles import mixer_inner_oracle, mixer_oracle, params64, rel_err, rms_norm64, vim_forward
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 TOL = 1e-4
@@ -44,18 +43,9 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def mixer(d_model, d_state=4, seed=0, scale=0.2, **kwargs):
-    """A float32 v2 mixer in eval mode with every parameter perturbed (the directions differ)."""
-    torch.manual_seed(seed)
-    m = Mamba(d_model, d_state=d_state, bimamba_type="v2", layer_idx=0, **kwargs)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return m.eval()
-
-
-def hidden(b, l, d_model, seed=1):
-    return torch.randn(b, l, d_model, generator=torch.Generator().manual_seed(seed))
+def mixer(d_model, d_state=D_STATE, **kwargs):
+    """A float32 v2 mixer of width d_model (kernel_inputs.make_mixer) in eval mode."""
+    return make_mixer("v2", d_model=d_model, d_state=d_state, **kwargs).eval()
 
 
 def forward(m, h, threads=1):
@@ -80,7 +70,7 @@ def forward(m, h, threads=1):
 def test_mixer_matches_float64_oracle(fused_calls, b, l, d_model, d_state, kwargs, threads):
     kwargs.setdefault("if_divide_out", True)
     m = mixer(d_model, d_state, **kwargs)
-    h = hidden(b, l, d_model)
+    h = hidden_states(b, l, d_model=d_model)
     got = forward(m, h, threads)
     assert len(fused_calls) == 1 and got.dtype == torch.float32 and got.shape == h.shape
     assert rel_err(got, mixer_oracle(params64(m), h, "v2", kwargs["if_divide_out"])) <= TOL
@@ -92,7 +82,7 @@ def test_huge_decays_stay_finite(fused_calls):
     with torch.no_grad():
         m.A_log.add_(6.0)  # |A| ~ 400
         m.dt_proj_b.bias.add_(8.0)  # dt ~ 8 backward
-    h = hidden(2, 30, 16)
+    h = hidden_states(2, 30, d_model=16)
     got = forward(m, h)
     assert fused_calls and torch.isfinite(got).all()
     assert rel_err(got, mixer_oracle(params64(m), h, "v2", True)) <= TOL
@@ -104,20 +94,12 @@ def test_nan_propagates_where_the_oracle_has_it(fused_calls):
     m = mixer(8, if_divide_out=True)
     with torch.no_grad():
         m.A_b_log[3, 1] = float("nan")
-    h = hidden(2, 9, 8)
+    h = hidden_states(2, 9, d_model=8)
     h[1, 4, 2] = float("nan")
     seen = []
     m.out_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     forward(m, h)
-    p = params64(m)
-    xz = F.linear(h.double(), p["in_proj.weight"]).transpose(1, 2)
-
-    def direction(xz, s):  # mixer_oracle's, which a matmul with an identity out_proj would spread NaN from
-        return inner_oracle(xz, p[f"conv1d{s}.weight"], p[f"conv1d{s}.bias"], p[f"x_proj{s}.weight"],
-                            p[f"dt_proj{s}.weight"], -torch.exp(p[f"A{s}_log"]), D=p[f"D{s}"],
-                            delta_bias=p[f"dt_proj{s}.bias"])
-
-    want = ((direction(xz, "") + direction(xz.flip(-1), "_b").flip(-1)) / 2).transpose(1, 2)  # (b, l, d_inner)
+    want = mixer_inner_oracle(params64(m), h, "v2", if_divide_out=True).transpose(1, 2)  # (b, l, d_inner)
     got = seen[0]
     assert fused_calls and torch.isnan(want).any() and not torch.isnan(want).all()
     assert torch.equal(torch.isnan(got), torch.isnan(want))
@@ -126,7 +108,8 @@ def test_nan_propagates_where_the_oracle_has_it(fused_calls):
 
 def test_concurrent_calls_from_two_threads(fused_calls):
     """Each call has its own task, scratch and outputs: results are bit-identical to serial ones."""
-    cases = [(mixer(24, 16, seed=i, if_divide_out=True), hidden(i + 1, 50 + 7 * i, 24, seed=i)) for i in range(2)]
+    cases = [(mixer(24, 16, seed=i, if_divide_out=True), hidden_states(i + 1, 50 + 7 * i, seed=i, d_model=24))
+             for i in range(2)]
     serial = [forward(m, h) for m, h in cases]
     results, errors = [[], []], []
 
@@ -149,7 +132,6 @@ def test_concurrent_calls_from_two_threads(fused_calls):
 
 def test_whole_vim_matches_float64_reference(fused_calls):
     import vim_rpi
-    from vim_reference import vim_forward
 
     torch.manual_seed(0)
     model = vim_rpi.create_model("vim_tiny", depth=3, embed_dim=48, img_size=64, stride=8).eval()
@@ -157,7 +139,7 @@ def test_whole_vim_matches_float64_reference(fused_calls):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     x = torch.randn(2, 3, 64, 64)
-    want = vim_forward({k: v.double() for k, v in model.state_dict().items()}, x.double(), patch=16, stride=8)
+    want = vim_forward(params64(model), x.double(), stride=8)
     got = forward(model, x, threads=2)
     assert len(fused_calls) == 3
     assert rel_err(got, want) <= TOL
@@ -170,7 +152,7 @@ def test_quantized_projections_match_the_torch_path(fused_calls):
     from mamba_ssm.modules.mamba_simple import dense_linear
 
     m = torch.ao.quantization.quantize_dynamic(mixer(32, 16, if_divide_out=True), {torch.nn.Linear}, torch.qint8)
-    h = hidden(2, 25, 32)
+    h = hidden_states(2, 25, d_model=32)
     got = forward(m, h)
     assert fused_calls
     for name in ("dt_proj", "dt_proj_b"):
@@ -185,7 +167,7 @@ def test_quantized_projections_match_the_torch_path(fused_calls):
 
 def test_declined_calls_take_the_torch_path(fused_calls):
     m = mixer(8, if_divide_out=True)
-    h = hidden(2, 5, 8)
+    h = hidden_states(2, 5, d_model=8)
     want = mixer_oracle(params64(m), h, "v2", True)
     out = m(h.requires_grad_())  # autograd: training keeps the torch path
     out.sum().backward()
@@ -200,7 +182,7 @@ def test_entry_points_refuse_activations_they_cannot_read():
     """Called directly, the kernels check the activations (they read raw float32 memory)."""
     m = mixer(8, if_divide_out=True)
     with torch.no_grad():
-        m(hidden(1, 3, 8))  # builds the held weights
+        m(hidden_states(1, 3, d_model=8))  # builds the held weights
     w = m._constants.stacked
     args = (w.conv_weight, w.conv_bias, w.x_proj, w.dt_weight, w.dt_bias, w.A, w.D, True)
     xz = torch.randn(1, 3, 2 * m.d_inner)
@@ -226,7 +208,7 @@ def test_add_rms_norm_matches_float64(shape, with_residual):
     finally:
         torch.set_num_threads(old)
     want_s = x.double() + (0 if residual is None else residual.double())
-    want = want_s / torch.sqrt(want_s.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    want = rms_norm64(want_s, weight, None, 1e-5)
     assert rel_err(s, want_s) <= 1e-7 and rel_err(out, want) <= 1e-6
     assert (s is x) == (residual is None)
 
@@ -243,7 +225,7 @@ def test_block_runs_the_fused_norm_in_eval_mode(monkeypatch):
                   norm_cls=lambda d: RMSNorm(d, eps=1e-5), fused_add_norm=True, residual_in_fp32=True).eval()
     with torch.no_grad():
         block.norm.weight.add_(torch.randn(16))
-    h, r = hidden(2, 11, 16), hidden(2, 11, 16, seed=2)
+    h, r = hidden_states(2, 11, d_model=16), hidden_states(2, 11, seed=2, d_model=16)
     with torch.inference_mode():
         got, got_residual = block(h, r)
         with mamba_ssm.use_backend("torch"):  # the formula (a function call)
@@ -358,7 +340,7 @@ def test_broken_numba_runs_the_torch_path_with_one_warning(tmp_path, failure, ca
 
 def test_a_model_told_numba_refuses_autograd_and_runs_inference(fused_calls):
     m = mixer(16, if_divide_out=True).set_backend("numba")
-    h = hidden(1, 5, 16)
+    h = hidden_states(1, 5, d_model=16)
     with pytest.raises(RuntimeError, match="inference only"):
         m(h)  # autograd on: the numba kernels cannot record it, and nothing falls back
     got = forward(m, h)

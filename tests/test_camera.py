@@ -72,17 +72,6 @@ def stand_in(monkeypatch, tmp_path):
         sys.modules["picamera2"].release()  # frees a reader thread left blocked in a stalled capture_array
 
 
-@pytest.fixture
-def processes():
-    """Started subprocesses, killed at teardown if a test left one running."""
-    started = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def _start(processes, args, env):
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith("STAND_IN_") and name != "LIBCAMERA_LOG_LEVELS"}
@@ -537,6 +526,7 @@ def test_picamera2_failing_to_import_is_one_line_whatever_it_prints(monkeypatch,
 
 # --- 4. cameras by device path (OpenCV) ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_device_paths_are_opened_as_cameras(checkpoint, processes, tmp_path):
     """/dev/video2 and /dev/v4l/by-id/... name cameras: OpenCV's V4L2 backend opens them (here a
     character device that is not a camera, /dev/null, so opening fails), not "no such file"."""

@@ -1,6 +1,7 @@
 """causal_conv1d: the public functions and both pure-PyTorch kernels against a float64 oracle.
 
-The oracle below is written from the definition (reference doc section 2), not from the package:
+The oracle (oracles.conv_oracle) is written from the definition (reference doc section 2), not
+from the package:
     out[:, c, t] = bias[c] + sum_k weight[c, k] * xpad[:, c, t + k]
 with xpad = [initial_states or zeros (w-1 columns), x]. Agreement is measured as
 max|got - want| / max|want| (relative to the largest reference value), at most 1e-10 in float64
@@ -20,52 +21,12 @@ from causal_conv1d import (
     causal_conv1d_update_ref,
 )
 
+from kernel_inputs import make_conv_inputs
+from oracles import conv_oracle, rel_err
+
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 CONV_FNS = {"fn": causal_conv1d_fn, "ref": causal_conv1d_ref, "fast": causal_conv1d_fast}
 UPDATE_FNS = {"fn": causal_conv1d_update, "ref": causal_conv1d_update_ref, "fast": causal_conv1d_update_fast}
-
-
-def rel_err(got, want):
-    """max|got - want| / max|want|, in float64."""
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
-
-
-def conv_oracle(x, weight, bias=None, initial_states=None, activation=None, seq_idx=None):
-    """float64 causal depthwise conv from the definition, one tap at a time.
-
-    x (b, d, l), weight (d, w), bias (d,), initial_states (b, d, w-1), seq_idx (b, l).
-    Returns out (b, d, l) and the last w-1 columns of xpad (b, d, w-1), both float64.
-    With seq_idx, tap k of output t reads input t + k - (w-1) only when that input exists and
-    has the same seq_idx as t.
-    """
-    x, weight = x.double(), weight.double()
-    b, d, l = x.shape
-    w = weight.shape[1]
-    head = x.new_zeros(b, d, w - 1) if initial_states is None else initial_states.double()
-    xpad = torch.cat([head, x], dim=-1)
-    out = x.new_zeros(b, d, l)
-    for k in range(w):
-        term = weight[:, k, None] * xpad[:, :, k:k + l]
-        if seq_idx is not None:
-            src = torch.arange(l) + k - (w - 1)
-            same = (src >= 0) & (seq_idx[:, src.clamp(min=0)] == seq_idx)  # (b, l)
-            term = term * same[:, None, :]
-        out = out + term
-    if bias is not None:
-        out = out + bias.double()[:, None]
-    if activation is not None:
-        out = out * torch.sigmoid(out)
-    return out, xpad[:, :, xpad.shape[-1] - (w - 1):]
-
-
-def make_inputs(b, d, l, w, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, d, l, generator=gen, dtype=dtype)
-    weight = torch.randn(d, w, generator=gen, dtype=dtype)
-    bias = torch.randn(d, generator=gen, dtype=dtype)
-    init = torch.randn(b, d, w - 1, generator=gen, dtype=dtype)
-    return x, weight, bias, init
 
 
 @pytest.mark.parametrize("impl", CONV_FNS)
@@ -76,7 +37,7 @@ def test_conv_matches_oracle(impl, width, seqlen):
     cases = [(use_bias, act) for use_bias in (False, True) for act in (None, "silu", "swish")]
     for seed, (use_bias, act) in enumerate(cases):
         for dtype in (torch.float32, torch.float64):
-            x, weight, bias, _ = make_inputs(2, 5, seqlen, width, dtype, seed)
+            x, weight, bias, _ = make_conv_inputs(2, 5, seqlen, width, dtype, seed)
             bias = bias if use_bias else None
             out = fn(x, weight, bias, activation=act)
             want, _ = conv_oracle(x, weight, bias, activation=act)
@@ -89,7 +50,7 @@ def test_conv_matches_oracle(impl, width, seqlen):
 @pytest.mark.parametrize("seqlen", [1, 2, 3, 7])
 def test_initial_and_final_states(impl, width, seqlen):
     fn = CONV_FNS[impl]
-    x, weight, bias, init = make_inputs(3, 4, seqlen, width, torch.float64, seed=seqlen * 10 + width)
+    x, weight, bias, init = make_conv_inputs(3, 4, seqlen, width, torch.float64, seed=seqlen * 10 + width)
     want, want_final = conv_oracle(x, weight, bias, initial_states=init, activation="silu")
     out, final = fn(x, weight, bias, initial_states=init, return_final_states=True, activation="silu")
     assert rel_err(out, want) <= 1e-10
@@ -110,7 +71,7 @@ def test_initial_and_final_states(impl, width, seqlen):
 
 
 def test_chained_calls_with_states_equal_one_call():
-    x, weight, bias, _ = make_inputs(2, 6, 20, 4, torch.float64, seed=3)
+    x, weight, bias, _ = make_conv_inputs(2, 6, 20, 4, torch.float64, seed=3)
     want, _ = conv_oracle(x, weight, bias, activation="silu")
     for fn in CONV_FNS.values():
         pieces, state = [], None
@@ -126,7 +87,7 @@ def test_seq_idx_blocks_other_sequences(impl):
     fn = CONV_FNS[impl]
     gen = torch.Generator().manual_seed(7)
     for width in (2, 3, 4):
-        x, weight, bias, _ = make_inputs(3, 4, 17, width, torch.float64, seed=width)
+        x, weight, bias, _ = make_conv_inputs(3, 4, 17, width, torch.float64, seed=width)
         # sorted segment ids with segments of length 1 and longer, different per row
         seq_idx = torch.randint(0, 3, (3, 17), generator=gen).cumsum(-1).to(torch.int32)
         want, _ = conv_oracle(x, weight, bias, activation="silu", seq_idx=seq_idx)
@@ -158,7 +119,7 @@ def test_non_contiguous_inputs(impl):
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 def test_half_inputs_keep_their_dtype(impl, dtype, tol):
     fn = CONV_FNS[impl]
-    x, weight, bias, init = make_inputs(2, 8, 23, 4, torch.float32, seed=5)
+    x, weight, bias, init = make_conv_inputs(2, 8, 23, 4, torch.float32, seed=5)
     x, init = x.to(dtype), init.to(dtype)
     out, final = fn(x, weight, bias, initial_states=init, return_final_states=True, activation="silu")
     assert out.dtype == dtype and final.dtype == dtype
@@ -175,7 +136,7 @@ def test_half_inputs_keep_their_dtype(impl, dtype, tol):
 @pytest.mark.parametrize("impl", CONV_FNS)
 def test_bad_inputs_name_the_argument(impl):
     fn = CONV_FNS[impl]
-    x, weight, bias, init = make_inputs(2, 4, 9, 4)
+    x, weight, bias, init = make_conv_inputs(2, 4, 9, 4)
     with pytest.raises(ValueError, match=r"x must have shape \(batch, dim, seqlen\), got \(4, 9\)"):
         fn(x[0], weight)
     with pytest.raises(ValueError, match=r"weight must have shape \(dim, width\) = \(4, width\), got \(3, 4\)"):
@@ -203,7 +164,7 @@ def test_bad_inputs_name_the_argument(impl):
 
 
 def test_ref_and_fast_autograd_match_oracle_gradients():
-    x, weight, bias, init = make_inputs(2, 3, 11, 4, torch.float64, seed=2)
+    x, weight, bias, init = make_conv_inputs(2, 3, 11, 4, torch.float64, seed=2)
     tensors = [t.clone().requires_grad_() for t in (x, weight, bias, init)]
     cotangent = torch.randn(2, 3, 11, dtype=torch.float64)
     want = torch.autograd.grad((conv_oracle(*tensors[:3], initial_states=tensors[3], activation="silu")[0]
@@ -216,7 +177,7 @@ def test_ref_and_fast_autograd_match_oracle_gradients():
 
 
 def test_fast_gradcheck():
-    x, weight, bias, init = (t.requires_grad_() for t in make_inputs(1, 2, 5, 3, torch.float64, seed=9))
+    x, weight, bias, init = (t.requires_grad_() for t in make_conv_inputs(1, 2, 5, 3, torch.float64, seed=9))
     assert torch.autograd.gradcheck(
         lambda *a: causal_conv1d_fast(a[0], a[1], a[2], initial_states=a[3], activation="silu"),
         (x, weight, bias, init))
@@ -292,7 +253,7 @@ def test_update_circular_buffer(impl):
 def test_update_steps_equal_full_conv(impl, circular):
     """Decoding a sequence in pieces reproduces the conv over the whole sequence."""
     fn = UPDATE_FNS[impl]
-    x, weight, bias, _ = make_inputs(2, 4, 23, 4, torch.float64, seed=8)
+    x, weight, bias, _ = make_conv_inputs(2, 4, 23, 4, torch.float64, seed=8)
     want, _ = conv_oracle(x, weight, bias, activation="silu")
     state = torch.zeros(2, 4, 5, dtype=torch.float64)
     seqlens = torch.zeros(2, dtype=torch.int32) if circular else None

@@ -244,6 +244,7 @@ def test_wrong_model_names_the_fitting_one(tmp_path):
         factory.load_model(path, "vim_nano", **SMALL)
 
 
+@pytest.mark.slow
 def test_released_vim_tiny_layout_loads_and_classifies(tmp_path):
     """Full-size Vim-Tiny in hustvl's layout (no model name stored): the name is inferred."""
     torch.manual_seed(0)

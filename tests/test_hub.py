@@ -147,6 +147,7 @@ def _closed_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sample_through_the_mirror_then_offline_with_the_server_gone(hub_server, tmp_path, weights):
     env = _env(tmp_path, hub_server.endpoint)
     code, out, err = _infer(["--json"], env)
@@ -265,6 +266,7 @@ class _Failing(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_each_hub_retry_is_at_most_one_line_and_none_with_q(tmp_path):
     failing = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
     failing.requests = 0

@@ -1,5 +1,5 @@
 """The rest of upstream's kernel API (causal-conv1d 1.4, mamba 1.1.1 / 2.x's state update) against
-float64 formulas written here:
+float64 formulas (written here; the scan's is oracles.scan_oracle, which takes every B/C form):
 
 - `causal_conv1d_varlen_states` / `_ref`: the last state_len tokens of each packed sequence,
   right-aligned, zeros before a short sequence;
@@ -10,7 +10,7 @@ float64 formulas written here:
   pairs interleaved along the last dim;
 - `causal_conv1d_ref` as one formula (its autograd graph does not grow with the length).
 
-Agreement is max|got - want| / max|want| (see test_causal_conv1d): 1e-10 in float64, 1e-4 in
+Agreement is max|got - want| / max|want| (oracles.rel_err): 1e-10 in float64, 1e-4 in
 float32.
 """
 
@@ -33,24 +33,15 @@ from mamba_ssm.ops.selective_scan_interface import (
     selective_scan_ref,
 )
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update, selective_state_update_ref
-from test_causal_conv1d import conv_oracle, make_inputs
+
+from kernel_inputs import make_conv_inputs
+from oracles import conv_oracle, rel_err, scan_oracle, softplus64
 
 CONV_FNS = {"fn": causal_conv1d_fn, "ref": causal_conv1d_ref, "fast": causal_conv1d_fast}
 VARLEN_FNS = {"fast": causal_conv1d_varlen_states, "ref": causal_conv1d_varlen_states_ref}
 UPDATE_FNS = {"fast": selective_state_update, "ref": selective_state_update_ref}
 SCAN_FNS = {"fn": selective_scan_fn, "ref": selective_scan_ref, "fast": selective_scan_fast}
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-def rel_err(got, want):
-    """max|got - want| / max|want| in float64, or complex128 when either is complex."""
-    dtype = torch.complex128 if got.is_complex() or want.is_complex() else torch.float64
-    got, want = got.detach().to(dtype), want.detach().to(dtype)
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
-
-
-def softplus64(x):
-    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def silu64(x):
@@ -76,7 +67,7 @@ def test_conv_ref_graph_does_not_grow_with_length():
     the formula's graph has the same size for every length, with or without seq_idx."""
     sizes = {}
     for l in (3, 40):
-        x, weight, bias, init = (t.requires_grad_() for t in make_inputs(2, 3, l, 4, torch.float64, seed=l))
+        x, weight, bias, init = (t.requires_grad_() for t in make_conv_inputs(2, 3, l, 4, torch.float64, seed=l))
         seq_idx = (torch.arange(l) >= l // 2).to(torch.int32).expand(2, l)
         sizes[l] = (graph_size(causal_conv1d_ref(x, weight, bias, initial_states=init, activation="silu")),
                     graph_size(causal_conv1d_ref(x, weight, bias, activation="silu", seq_idx=seq_idx)))
@@ -88,7 +79,7 @@ def test_conv_width_one(impl):
     """Width 1: no history at all (initial and final states have 0 columns)."""
     fn = CONV_FNS[impl]
     for l in (1, 6):
-        x, weight, bias, init = make_inputs(2, 3, l, 1, torch.float64, seed=l)
+        x, weight, bias, init = make_conv_inputs(2, 3, l, 1, torch.float64, seed=l)
         assert init.shape == (2, 3, 0)
         out, final = fn(x, weight, bias, initial_states=init, return_final_states=True, activation="silu")
         assert rel_err(out, silu64(weight[:, :1] * x + bias[:, None])) <= 1e-10
@@ -153,7 +144,7 @@ def test_varlen_states_continue_the_conv():
     continue from: prefill packed sequences, then decode each sequence's next tokens."""
     lengths, d, width = [6, 1, 3], 4, 4
     x, cu_seqlens = packed(lengths, d, torch.float64, seed=3)
-    _, weight, bias, _ = make_inputs(1, d, 1, width, torch.float64, seed=4)
+    _, weight, bias, _ = make_conv_inputs(1, d, 1, width, torch.float64, seed=4)
     nxt = torch.randn(len(lengths), d, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     for fn in VARLEN_FNS.values():
         states = fn(x, cu_seqlens, width - 1)
@@ -354,44 +345,6 @@ def test_state_update_bad_multi_head_shapes(impl):
 
 # ---- selective scan: time-invariant B/C, complex A ------------------------------------------
 
-def bc_values(M, b, d, l, complex_state):
-    """B or C in any accepted form as the float64/complex128 values channel c sees at step t:
-    (b, d, n, l). (d, n): the same at every step; (b, [g,] n, l or 2l): group c // (d / g), with
-    complex A as complex(M[..., 2t], M[..., 2t + 1])."""
-    M = M.to(torch.complex128 if M.is_complex() else torch.float64)
-    if M.dim() == 2:
-        return M[None, :, :, None].expand(b, d, M.shape[1], l)
-    if complex_state:
-        M = torch.complex(M[..., 0::2], M[..., 1::2])
-    if M.dim() == 3:
-        M = M[:, None]
-    return M[:, torch.arange(d) // (d // M.shape[1])]
-
-
-def general_scan_oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """float64 sequential scan for every B/C form and real or complex A.
-    Returns y (b, d, l) real and h_L (b, d, n) (complex128 for complex A)."""
-    b, d, l = u.shape
-    complex_state = A.is_complex()
-    u = u.double()
-    A = A.to(torch.complex128 if complex_state else torch.float64)
-    dt = delta.double() + (0 if delta_bias is None else delta_bias.double()[:, None])
-    dt = softplus64(dt) if delta_softplus else dt
-    Bv, Cv = bc_values(B, b, d, l, complex_state), bc_values(C, b, d, l, complex_state)
-    h = torch.zeros(b, d, A.shape[1], dtype=A.dtype)
-    ys = []
-    for t in range(l):
-        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * Bv[..., t]
-        y = (h * Cv[..., t]).sum(-1)
-        ys.append(2 * y.real if complex_state else y)  # a complex state and its conjugate
-    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(b, d, 0)
-    if D is not None:
-        y = y + D.double()[:, None] * u
-    if z is not None:
-        y = y * silu64(z.double())
-    return y, h
-
-
 # (complex A, B form, C form, groups); forms: "var" (b, [g,] n, l or 2l), "fixed" (d, n) in A's
 # dtype, "fixed_real" (d, n) real next to a complex A
 SCAN_CASES = [
@@ -432,7 +385,7 @@ def test_scan_fixed_bc_and_complex_a(impl, complex_A, b_form, c_form, groups):
             extra = dict(D=a["D"], z=a["z"], delta_bias=a["delta_bias"]) if options else {}
             out, last = fn(a["u"], a["delta"], a["A"], a["B"], a["C"], **extra, delta_softplus=options,
                            return_last_state=True)
-            want, want_last = general_scan_oracle(a["u"], a["delta"], a["A"], a["B"], a["C"], **extra,
+            want, want_last = scan_oracle(a["u"], a["delta"], a["A"], a["B"], a["C"], **extra,
                                                   delta_softplus=options)
             assert out.dtype == dtype and out.shape == (2, 4, l)
             assert last.shape == (2, 4, 3) and last.is_complex() == complex_A
@@ -448,7 +401,7 @@ def test_scan_fixed_bc_and_complex_a_gradients(complex_A, b_form, c_form, groups
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     cotangent = torch.randn(2, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     leaves = [a[k].clone().requires_grad_() for k in names]
-    want, want_last = general_scan_oracle(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7],
+    want, want_last = scan_oracle(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7],
                                           delta_softplus=True)
     want_grads = torch.autograd.grad((want * cotangent).sum() + want_last.abs().sum(), leaves)
     for fn in SCAN_FNS.values():
@@ -465,7 +418,7 @@ def test_scan_fixed_bc_and_complex_a_chunks(monkeypatch, complex_A, b_form, c_fo
     """The fast in-place kernel walks time in chunks: 1-step chunks, 3-step chunks (a partial last
     one) and a single chunk, in the layouts these forms use."""
     a = make_general_inputs(2, 4, 3, 10, complex_A, b_form, c_form, groups, seed=5)
-    want, want_last = general_scan_oracle(**a, delta_softplus=True)
+    want, want_last = scan_oracle(**a, delta_softplus=True)
     for chunk_bytes in (1, 3 * 2 * 4 * 3 * 16, 1 << 30):
         monkeypatch.setattr(scan_fast_module, "CHUNK_BYTES", chunk_bytes)
         with torch.no_grad():
@@ -517,7 +470,7 @@ def general_inner_oracle(p, B=None, C=None, delta_softplus=True):
 
     B = projected() if B is None else B
     C = projected() if C is None else C
-    y, _ = general_scan_oracle(xc, delta, A, B, C, p["D"], z, p["delta_bias"], delta_softplus)
+    y, _ = scan_oracle(xc, delta, A, B, C, p["D"], z, p["delta_bias"], delta_softplus)
     bias = p["out_proj_bias"]
     return F.linear(y.transpose(1, 2), p["out_proj_weight"].double(), None if bias is None else bias.double())
 
@@ -652,7 +605,7 @@ def test_upstream_selective_scan_grid(wtype, itype, is_variable_B, is_variable_C
         assert torch.allclose(g, g_ref, rtol=rtol * 5, atol=atol * 10)
     # and both against the float64 oracle
     with torch.no_grad():
-        want, _ = general_scan_oracle(u, delta, A, B, C, D, z, delta_bias, True)
+        want, _ = scan_oracle(u, delta, A, B, C, D, z, delta_bias, True)
     assert rel_err(out, want) <= (1e-4 if itype == torch.float32 else 1.6e-2)
 
 

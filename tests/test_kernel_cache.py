@@ -35,6 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 INFER = ROOT / "vim" / "infer_rpi.py"
 OPS = pathlib.Path(kernel_cache.__file__).resolve().parent
 TOL = 1e-4
+pytestmark = pytest.mark.slow  # about a dozen fresh processes that compile the kernels
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 
 

@@ -1,5 +1,5 @@
 """rms_norm_fn / layer_norm_fn / RMSNorm (pure-PyTorch stand-ins for upstream's Triton kernels)
-against the formulas of the reference doc, section 2, written here in float64:
+against the formulas of the reference doc, section 2, in float64 (oracles.rms_norm64, layer_norm64):
     s = x + residual (or x);  rms: s / sqrt(mean(s^2) + eps) * weight (+ bias)
     layer: (s - mean(s)) / sqrt(var(s) + eps) * weight (+ bias)
 """
@@ -13,20 +13,8 @@ import torch.nn as nn
 
 from mamba_ssm.ops.triton import layernorm as layernorm_111
 from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn, rms_norm_fn
-from test_causal_conv1d import rel_err
 
-
-def rms64(s, weight, bias, eps):
-    s = s.double()
-    out = s / torch.sqrt((s * s).mean(-1, keepdim=True) + eps) * weight.double()
-    return out if bias is None else out + bias.double()
-
-
-def layer64(s, weight, bias, eps):
-    s = s.double()
-    centered = s - s.mean(-1, keepdim=True)
-    out = centered / torch.sqrt((centered * centered).mean(-1, keepdim=True) + eps) * weight.double()
-    return out if bias is None else out + bias.double()
+from oracles import layer_norm64, rel_err, rms_norm64
 
 
 def make(dtype=torch.float32, seed=0, shape=(3, 5, 16)):
@@ -38,7 +26,7 @@ def make(dtype=torch.float32, seed=0, shape=(3, 5, 16)):
     return x, residual, weight, bias
 
 
-@pytest.mark.parametrize("fn,formula", [(rms_norm_fn, rms64), (layer_norm_fn, layer64)])
+@pytest.mark.parametrize("fn,formula", [(rms_norm_fn, rms_norm64), (layer_norm_fn, layer_norm64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_formula_with_residual_and_prenorm(fn, formula, dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-12
@@ -54,7 +42,7 @@ def test_formula_with_residual_and_prenorm(fn, formula, dtype):
             assert result[1].dtype == dtype and rel_err(result[1], s) <= tol
 
 
-@pytest.mark.parametrize("fn,formula", [(rms_norm_fn, rms64), (layer_norm_fn, layer64)])
+@pytest.mark.parametrize("fn,formula", [(rms_norm_fn, rms_norm64), (layer_norm_fn, layer_norm64)])
 def test_without_weight(fn, formula):
     """elementwise_affine=False norms have no weight: the formula with weight 1."""
     x, residual, _, bias = make(torch.float64, seed=3)
@@ -66,7 +54,7 @@ def test_without_weight(fn, formula):
 def test_layer_norm_fn_is_rms_norm():
     x, residual, weight, bias = make()
     got = layer_norm_fn(x, weight, bias, residual=residual, eps=1e-5, is_rms_norm=True)
-    assert rel_err(got, rms64(x + residual, weight, bias, 1e-5)) <= 1e-6
+    assert rel_err(got, rms_norm64(x + residual, weight, bias, 1e-5)) <= 1e-6
 
 
 @pytest.mark.parametrize("fn", [rms_norm_fn, layer_norm_fn])
@@ -74,7 +62,7 @@ def test_layer_norm_fn_is_rms_norm():
 def test_half_inputs_and_residual_in_fp32(fn, dtype):
     x, residual, weight, bias = make(dtype, seed=4)
     weight32 = weight.float()
-    formula = rms64 if fn is rms_norm_fn else layer64
+    formula = rms_norm64 if fn is rms_norm_fn else layer_norm64
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     # first block: no residual yet; the sum is kept in float32
     out, s = fn(x, weight32, None, prenorm=True, residual_in_fp32=True)
@@ -103,7 +91,7 @@ def test_rms_norm_fn_argument_order_is_the_reference_docs():
     assert list(inspect.signature(layer_norm_fn).parameters) == expected + ["is_rms_norm"]
     x, residual, weight, _ = make(seed=6)
     out, s = layernorm_111.rms_norm_fn(x, weight, None, residual, 1e-5, True)
-    assert rel_err(out, rms64(x + residual, weight, None, 1e-5)) <= 1e-6 and rel_err(s, x + residual) <= 1e-6
+    assert rel_err(out, rms_norm64(x + residual, weight, None, 1e-5)) <= 1e-6 and rel_err(s, x + residual) <= 1e-6
 
 
 def test_rms_norm_module():
@@ -113,13 +101,13 @@ def test_rms_norm_module():
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     x, residual, _, _ = make(seed=7)
-    assert rel_err(norm(x), rms64(x, norm.weight, None, 1e-5)) <= 1e-6
+    assert rel_err(norm(x), rms_norm64(x, norm.weight, None, 1e-5)) <= 1e-6
     # no mean subtraction: unlike LayerNorm, shifting the input changes the output
     layer = nn.LayerNorm(16, elementwise_affine=False)
     assert torch.allclose(layer(x + 3.0), layer(x), atol=1e-4)
     assert not torch.allclose(norm(x + 3.0), norm(x), atol=1e-2)
     out, s = norm(x, residual=residual, prenorm=True, residual_in_fp32=True)
-    assert rel_err(out, rms64(x + residual, norm.weight, None, 1e-5)) <= 1e-6 and rel_err(s, x + residual) <= 1e-7
+    assert rel_err(out, rms_norm64(x + residual, norm.weight, None, 1e-5)) <= 1e-6 and rel_err(s, x + residual) <= 1e-7
     assert RMSNorm(16, eps=1e-6, dropout_p=0.0, dtype=torch.float64).weight.dtype == torch.float64
     assert layernorm_111.RMSNorm is RMSNorm
 

@@ -103,6 +103,24 @@ def test_no_import_path_edits():
     assert not offenders
 
 
+def test_no_test_module_imports_another():
+    """What several test modules use (oracles, input builders, servers) lives in a helper module
+    named for what it holds (oracles.py, kernel_inputs.py, serve_helpers.py, ...), never in a test
+    module: importing one runs its collection-time code and ties its tests to another file's."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            else:
+                continue
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {name}" for name in names
+                          if name.split(".")[0].startswith("test_")]
+    assert not offenders, "\n".join(offenders)
+
+
 # ---- the kernel packages --------------------------------------------------------------------------
 
 KERNEL_SOURCES = {"causal_conv1d": REPO / "causal-conv1d" / "causal_conv1d", "mamba_ssm": REPO / "mamba-1p1p1" / "mamba_ssm"}

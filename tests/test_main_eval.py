@@ -137,6 +137,7 @@ def test_flat_layout_limit_and_text_output(setup, capsys):
     assert float(out.split("loss ")[-1]) == pytest.approx(loss, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_totals(tmp_path, setup):
     """7 images on 2 ranks (4 + 3): no image padded in twice or dropped; only rank 0 prints."""
     data = tmp_path / "odd"

@@ -28,7 +28,7 @@ COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 TRAIN_ARGS = ["--epochs", "4", "--batch-size", "8", "--lr", "1e-2", "--warmup-epochs", "1",
               "--drop-path", "0", "--weight-decay", "0.01", "--threads", "1", "-q"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # the module fixture fine-tunes for seconds
 
 
 def _square(rng, colour, side=36):

@@ -1,7 +1,7 @@
 """The Mamba mixer and Block (mamba_ssm.modules.mamba_simple) against a float64 formula.
 
-The formula is the reference doc's section 3, written here step by step on the module's
-parameters (see `mixer_oracle`): for "v2" both directions with their own parameters, x and z
+The formula is the reference doc's section 3, written step by step on the module's parameters
+(oracles.mixer_oracle): for "v2" both directions with their own parameters, x and z
 flipped for the backward branch, outputs summed, /2 when if_divide_out, out_proj, gamma. Errors
 are max|got - want| / max|want|: at most 1e-10 for float64 modules and 1e-4 for float32 ones.
 """
@@ -21,51 +21,11 @@ from mamba_ssm import Mamba
 from mamba_ssm.modules.mamba_simple import Block, build_inference_constants
 from mamba_ssm.ops.triton.layer_norm import RMSNorm
 from mamba_ssm.utils.generation import InferenceParams
-from test_causal_conv1d import rel_err
-from test_selective_scan import inner_oracle
+
+from kernel_inputs import D_MODEL, D_STATE, hidden_states, make_mixer
+from oracles import layer_norm64, mixer_oracle, params64, rel_err, rms_norm64
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-D_MODEL, D_STATE = 8, 4  # d_inner 16, dt_rank 1
-
-
-def make_mixer(bimamba_type="v2", seed=0, dtype=torch.float32, **kwargs):
-    """A small mixer whose parameters are all perturbed, so the two directions differ."""
-    torch.manual_seed(seed)
-    kwargs.setdefault("layer_idx", 0)
-    m = Mamba(D_MODEL, d_state=D_STATE, bimamba_type=bimamba_type, **kwargs)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m.to(dtype)
-
-
-def params64(m):
-    return {k: v.detach().double() for k, v in m.state_dict().items()}
-
-
-def mixer_oracle(p, hidden, bimamba_type, if_divide_out=False):
-    """float64 mixer output (b, l, d_model) from parameter dict `p` (checkpoint key -> tensor)."""
-    xz = F.linear(hidden.double(), p["in_proj.weight"], p.get("in_proj.bias")).transpose(1, 2)  # (b, 2d, l)
-
-    def direction(xz, suffix, A_b=None):
-        return inner_oracle(xz, p[f"conv1d{suffix}.weight"], p.get(f"conv1d{suffix}.bias"),
-                            p[f"x_proj{suffix}.weight"], p[f"dt_proj{suffix}.weight"], -torch.exp(p[f"A{suffix}_log"]),
-                            D=p[f"D{suffix}"], delta_bias=p[f"dt_proj{suffix}.bias"], A_b=A_b)
-
-    if bimamba_type == "none":
-        y = direction(xz, "")
-    elif bimamba_type == "v1":
-        y = direction(xz, "", A_b=-torch.exp(p["A_b_log"]))
-    else:
-        y = direction(xz, "") + direction(xz.flip(-1), "_b").flip(-1)
-        if if_divide_out:
-            y = y / 2
-    out = F.linear(y.transpose(1, 2), p["out_proj.weight"], p.get("out_proj.bias"))
-    return out * p["gamma"] if "gamma" in p else out
-
-
-def hidden_states(b=2, l=7, dtype=torch.float32, seed=1):
-    return torch.randn(b, l, D_MODEL, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def run(m, h, mode):
@@ -431,11 +391,6 @@ def test_parameter_gradients_match_oracle(bimamba_type, dtype, tol):
 
 # ---- Block ----------------------------------------------------------------------------------
 
-def rms_norm64(x, weight, eps):
-    x = x.double()
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
-
-
 @pytest.mark.parametrize("fused_add_norm", [True, False])
 @pytest.mark.parametrize("residual_in_fp32", [True, False])
 @pytest.mark.parametrize("norm", ["rms", "layer"])
@@ -451,8 +406,8 @@ def test_block(fused_add_norm, residual_in_fp32, norm):
 
     def normed(s):
         if norm == "rms":
-            return rms_norm64(s, block.norm.weight, 1e-5)
-        return F.layer_norm(s.double(), (D_MODEL,), block.norm.weight.double(), block.norm.bias.double(), 1e-5)
+            return rms_norm64(s, block.norm.weight, None, 1e-5)
+        return layer_norm64(s, block.norm.weight, block.norm.bias, 1e-5)
 
     with torch.no_grad():
         out, residual = block(h1)

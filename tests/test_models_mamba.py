@@ -14,7 +14,8 @@ import torch
 import mamba_ssm
 import vim_rpi
 from vim_rpi import models_mamba
-from vim_reference import vim_forward
+
+from oracles import rel_err, vim_forward
 
 TINY_NAME = "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
 
@@ -28,10 +29,6 @@ def _small(seed=0, **kwargs):
     return model
 
 
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.mark.parametrize("kwargs,img", [
     (dict(depth=2, embed_dim=32, img_size=64), 64),  # patch 16 -> 4x4 grid, 17 tokens
     (dict(depth=3, embed_dim=48, img_size=64, stride=8), 64),  # stride 8 -> 7x7 grid, 50 tokens
@@ -40,16 +37,16 @@ def _rel_err(a, b):
 def test_forward_matches_float64_formula(kwargs, img):
     model = _small(**kwargs)
     x = torch.randn(2, 3, img, img, dtype=torch.float64)
-    expected = vim_forward(model.state_dict(), x, patch=16, stride=kwargs.get("stride", 16))
+    expected = vim_forward(model.state_dict(), x, stride=kwargs.get("stride", 16))
     with torch.inference_mode():
         got = model(x)
     assert got.shape == expected.shape
-    assert _rel_err(got, expected) < 1e-10
+    assert rel_err(got, expected) < 1e-10
     with torch.no_grad():  # the same without inference mode, and the features path
-        assert _rel_err(model(x), expected) < 1e-10
+        assert rel_err(model(x), expected) < 1e-10
         feats = model(x, return_features=True)
     assert feats.shape == (2, kwargs["embed_dim"])
-    assert _rel_err(model.head(feats), expected) < 1e-10
+    assert rel_err(model.head(feats), expected) < 1e-10
 
 
 def test_head_cls_token_matches_formula():
@@ -57,7 +54,7 @@ def test_head_cls_token_matches_formula():
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         got = model(x)
-    assert _rel_err(got, vim_forward(model.state_dict(), x, 16, 16, cls="head")) < 1e-10
+    assert rel_err(got, vim_forward(model.state_dict(), x, 16, cls="head")) < 1e-10
 
 
 def test_float32_training_mode_backward_reaches_every_parameter():
@@ -164,7 +161,7 @@ def test_unfused_norm_path_equals_fused():
     unfused.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
-        assert _rel_err(unfused(x), fused(x)) < 1e-12
+        assert rel_err(unfused(x), fused(x)) < 1e-12
 
 
 def test_import_needs_neither_timm_nor_torchvision(tmp_path):
@@ -278,12 +275,12 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')
 def test_set_backend_reaches_every_mixer_and_norm():
     model = _small(depth=2, embed_dim=32, img_size=32)
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    expected = vim_forward(model.state_dict(), x, patch=16, stride=16)
+    expected = vim_forward(model.state_dict(), x, stride=16)
     assert model.set_backend("ref") is model
     report = mamba_ssm.kernel_report(model)
     assert (report["backend"], report["mixer"], report["selective_scan"], report["causal_conv1d"]) == ("ref",) * 4
     with torch.no_grad():
-        assert _rel_err(model(x), expected) < 1e-10
+        assert rel_err(model(x), expected) < 1e-10
     with pytest.raises(RuntimeError, match="CUDA"):
         model.set_backend("cuda")
     assert mamba_ssm.kernel_report(model)["backend"] == "ref"  # a refused choice changes nothing

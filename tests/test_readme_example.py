@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -32,6 +33,7 @@ def test_example_is_short():
     assert len(readme_example().strip().splitlines()) <= 10
 
 
+@pytest.mark.slow
 def test_readme_example_runs_as_printed(tmp_path):
     torch.manual_seed(0)
     model = vim_rpi.create_model("vim_tiny")

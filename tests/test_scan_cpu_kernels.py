@@ -22,8 +22,9 @@ from causal_conv1d.causal_conv1d_interface import conv_taps
 from mamba_ssm import Mamba, env, use_backend
 from mamba_ssm.ops import backends
 from mamba_ssm.ops.selective_scan_interface import numba_scan_state_nd, selective_scan_fn
-from test_causal_conv1d import rel_err
-from test_selective_scan import make_scan_inputs, scan_oracle
+
+from kernel_inputs import make_scan_inputs
+from oracles import rel_err, scan_oracle
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 KERNELS = {"torch": fast.scan_state_nd, "numba": numba_scan_state_nd}

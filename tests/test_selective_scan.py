@@ -1,6 +1,7 @@
 """Selective scan, the fused Mamba inner paths and selective_state_update against float64 oracles.
 
-The oracles below follow the reference doc (section 2) step by step, in float64:
+The oracles (oracles.scan_oracle, inner_oracle) follow the reference doc (section 2) step by step,
+in float64:
     dt  = softplus(delta + delta_bias)   (each part optional)
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_0 = 0
     y_t = sum_n h_t * C_t + D * u_t;   y = y * silu(z)
@@ -28,90 +29,12 @@ from mamba_ssm.ops.selective_scan_interface import (
     selective_scan_ref,
 )
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-from test_causal_conv1d import conv_oracle, rel_err
+
+from kernel_inputs import make_scan_inputs
+from oracles import inner_oracle, rel_err, scan_oracle, softplus64
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 SCAN_FNS = {"fn": selective_scan_fn, "ref": selective_scan_ref, "fast": selective_scan_fast}
-
-
-def softplus64(x):
-    """log(1 + exp(x)) without overflow."""
-    return torch.logaddexp(x, torch.zeros_like(x))
-
-
-def per_channel(M, d):
-    """B or C, (b, n, l) or (b, g, n, l), as the (b, d, n, l) values each channel sees."""
-    M = M.double()
-    if M.dim() == 3:
-        return M[:, None].expand(M.shape[0], d, *M.shape[1:])
-    return M[:, torch.arange(d) // (d // M.shape[1])]
-
-
-def scan_oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """float64 sequential selective scan. Returns y (b, d, l) and h_L (b, d, n)."""
-    u, A = u.double(), A.double()
-    b, d, l = u.shape
-    dt = delta.double()
-    if delta_bias is not None:
-        dt = dt + delta_bias.double()[:, None]
-    if delta_softplus:
-        dt = softplus64(dt)
-    Bd, Cd = per_channel(B, d), per_channel(C, d)  # (b, d, n, l)
-    decay = torch.exp(dt[..., None] * A[:, None, :])  # (b, d, l, n): exp(dt_t * A)
-    inject = (dt * u)[..., None] * Bd.transpose(-1, -2)  # (b, d, l, n): dt_t * B_t * u_t
-    h = u.new_zeros(b, d, A.shape[1])
-    states = []
-    for t in range(l):
-        h = decay[:, :, t] * h + inject[:, :, t]
-        states.append(h)
-    y = (torch.stack(states, dim=2) * Cd.transpose(-1, -2)).sum(-1)  # y_t = sum_n h_t * C_t
-    if D is not None:
-        y = y + D.double()[:, None] * u
-    if z is not None:
-        z = z.double()
-        y = y * z * torch.sigmoid(z)
-    return y, h
-
-
-def inner_oracle(xz, conv_weight, conv_bias, x_proj_weight, delta_proj_weight, A, D=None, delta_bias=None,
-                 B_proj_bias=None, C_proj_bias=None, delta_softplus=True, A_b=None):
-    """float64 Mamba inner path without out_proj (reference doc section 2): (b, d, l).
-
-    With A_b (bimamba v1) the conv and projections are shared and a second scan runs over the
-    flipped sequence with A_b; its flipped-back output is added.
-    """
-    x, z = xz.double().chunk(2, dim=1)
-    xc, _ = conv_oracle(x, conv_weight[:, 0], conv_bias, activation="silu")
-    r, n = delta_proj_weight.shape[1], A.shape[1]
-    x_dbl = torch.einsum("bdl,ed->ble", xc, x_proj_weight.double())
-    delta = torch.einsum("blr,dr->bdl", x_dbl[..., :r], delta_proj_weight.double())
-    B, C = x_dbl[..., r:r + n], x_dbl[..., r + n:]
-    if B_proj_bias is not None:
-        B = B + B_proj_bias.double()
-    if C_proj_bias is not None:
-        C = C + C_proj_bias.double()
-    B, C = B.transpose(1, 2), C.transpose(1, 2)
-    y, _ = scan_oracle(xc, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if A_b is not None:
-        flip = lambda t: t.flip(-1)
-        y_b, _ = scan_oracle(flip(xc), flip(delta), A_b, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus)
-        y = y + flip(y_b)
-    return y
-
-
-def make_scan_inputs(b, d, n, l, groups=None, dtype=torch.float32, seed=0):
-    """Random scan inputs in realistic ranges: A < 0, delta around softplus's knee.
-    groups None gives B/C as (b, n, l)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    bc_shape = (b, n, l) if groups is None else (b, groups, n, l)
-    inputs = dict(
-        u=rand(b, d, l), delta=rand(b, d, l) * 0.5 - 1.0, A=-torch.exp(rand(d, n) * 0.5),
-        B=rand(*bc_shape), C=rand(*bc_shape), D=rand(d), z=rand(b, d, l), delta_bias=rand(d) * 0.3)
-    return {k: v.to(dtype) for k, v in inputs.items()}
 
 
 def positive(delta):

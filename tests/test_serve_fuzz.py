@@ -16,6 +16,7 @@ pytest.importorskip("fastapi", reason="the server's packages: pip install -r scr
 
 from serve_helpers import TIMEOUT, Server, encode, read_answer, small_checkpoint, status_of  # noqa: E402
 
+pytestmark = pytest.mark.slow  # 500 requests to a real server
 CASES = 500
 TIME_BUDGET_S = 120
 IDLE_S = 1  # --upload-idle-s: a body shorter than announced is answered 408 after this

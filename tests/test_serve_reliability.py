@@ -24,6 +24,7 @@ import hostile_images  # noqa: E402
 from serve_helpers import (TIMEOUT, Server, classify, encode, png_header_only, read_answer, request,  # noqa: E402
                            small_checkpoint, status_of, until)
 
+pytestmark = pytest.mark.slow  # servers under load, timeouts waited out
 HEAD_TIMEOUT_S = 2
 
 

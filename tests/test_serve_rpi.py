@@ -196,6 +196,7 @@ def test_an_upload_that_stops_sending_gets_408_and_frees_its_slot(server, files)
     assert classify(server, image)[0] == 200
 
 
+@pytest.mark.slow
 def test_an_upload_slower_than_the_upload_timeout_gets_408(server, files):
     """A byte every 0.5 s never trips the idle limit (2 s), but the whole upload may take 4 s."""
     image = files["images"]["png"]
@@ -380,6 +381,7 @@ def test_usage_errors_exit_2(flag, value, words, capsys):
     assert exited.value.code == 2 and words in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_usage_errors_exit_2_and_a_missing_checkpoint_exits_3(tmp_path):
     done, _ = _serve("--queue", "0")
     assert done.returncode == 2 and "--queue must be >= 1" in done.stderr
@@ -417,6 +419,7 @@ def test_a_busy_port_is_one_line_and_exit_5_before_anything_loads(tmp_path):
     assert "5 cannot listen on --host/--port" in help_text
 
 
+@pytest.mark.slow
 def test_bench_serve_runs_its_grid_and_prints_json(files):
     """scripts/bench_serve.py end to end at a toy size (timings depend on the machine: not checked)."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "-c", str(files["small"]),

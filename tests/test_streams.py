@@ -66,17 +66,6 @@ def video(assets):
     return path, frames
 
 
-@pytest.fixture
-def processes():
-    """Started subprocesses, killed at teardown if a test left one running."""
-    started = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def _start(processes, args, env=None, stdin=None):
     environment = dict(os.environ, **(env or {}))
     process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
@@ -111,6 +100,7 @@ def _line_reader(stream):
 
 # --- video files ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_video_file_json_lines_match_classifying_the_frames_as_images(assets, video, processes, one_thread):
     path, frames = video
     code, out, _ = _run(processes, ["--video", path, "--json", "-c", assets / "small.pth", "-t", "1", "-k", "3", "-q"])
@@ -157,6 +147,7 @@ def test_frame_and_the_same_pixels_saved_as_png_give_identical_tensors(assets, v
     assert torch.equal(clf.preprocess(rgb), clf.preprocess(png))
 
 
+@pytest.mark.slow
 def test_missing_video_file_and_camera_index_are_one_line(assets, processes, tmp_path):
     pytest.importorskip("cv2")
     not_a_video = tmp_path / "notes.avi"
@@ -233,6 +224,7 @@ def test_a_source_that_ends_before_its_first_frame_is_an_error():
         list(streams.LatestFrameStream(FakeSource(count=0, fps=100.0), lambda pixels: None))
 
 
+@pytest.mark.slow
 def test_bad_video_files_exit_4_with_one_line(assets, bad_videos, processes):
     damaged, cut, text = bad_videos
     for path, frames, needle in ((damaged, DAMAGED_AT, "could not be decoded"), (cut, None, "the frames end at"),
@@ -477,6 +469,7 @@ def test_every_path_problem_is_one_failed_item_in_arguments_and_directories(asse
     _check_results(json.loads(out)["results"], err, paths + entries)
 
 
+@pytest.mark.slow
 def test_every_path_problem_is_one_failed_item_in_paths_from(assets, processes, awkward_paths, tmp_path):
     paths, folder, entries, prefix = awkward_paths
     listing = b"".join(os.fsencode(path) + b"\n" for path, _ in paths) + os.fsencode(folder) + b"\n"
