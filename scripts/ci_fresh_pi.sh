@@ -106,6 +106,8 @@ on_exit() {
     if ((failed > 0)); then exit 1; fi
 }
 trap on_exit EXIT
+set -E
+trap 'log "error: line $LINENO: $BASH_COMMAND exited with status $?"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -236,7 +238,7 @@ timed() {
 
 kernel_objects() {
     local dir=$RUN/$1/root$CLONE/mamba-1p1p1/mamba_ssm/ops/__pycache__
-    find "$dir" -maxdepth 1 -name 'bimamba_v2_numba-*.o' 2>/dev/null | wc -l
+    if [[ -d $dir ]]; then find "$dir" -maxdepth 1 -name 'bimamba_v2_numba-*.o' | wc -l; else echo 0; fi
 }
 
 hub_gets() {
@@ -408,10 +410,10 @@ main() {
         show_suite "$suite"
         if [[ -s $RUN/$suite/summary ]]; then mapfile -t -O "${#summary[@]}" summary <"$RUN/$suite/summary"; fi
     done
-    log "summary (wall and CPU seconds on the emulated Pi; the whole check took $((SECONDS - started)) s)"
-    printf '%s\n' "${summary[@]}" | sed 's/^/fresh-pi:   /' >&2
     local expected=$((${#SUITES[@]} * (${#PROFILES[@]} + 1)))
-    while ((${#summary[@]} < expected)); do summary+=("(a check that never ran) FAIL"); done
+    while ((${#summary[@]} < expected)); do summary+=("(a check that did not run) FAIL"); done
+    log "summary (wall and CPU seconds on the emulated Pi; the whole check took $((SECONDS - started)) s)"
+    printf 'fresh-pi:   %s\n' "${summary[@]}" >&2
 }
 
 main "$@"
