@@ -26,7 +26,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _file(self):
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         match = re.fullmatch(r"/([^/]+)/([^/]+)/resolve/[^/]+/(.+)", path)
-        if not match or ".." in match.group(3).split("/"):
+        if not match or ".." in [match.group(1), match.group(2), *match.group(3).split("/")]:
             return None
         full = os.path.join(self.server.root, match.group(1), match.group(2), match.group(3))
         return full if os.path.isfile(full) else None
