@@ -217,22 +217,26 @@ guest_command() {
         /bin/bash -c "cd $CLONE && $command")
 }
 
-# CPU seconds used so far by this shell's waited-for children (user + system).
+# $cpu_used: CPU seconds (user + system) used so far by this shell's waited-for children.
+# (times must run in this shell, not in a command substitution's.)
 children_cpu() {
     times >"$RUN/.times.$BASHPID"
-    awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] }; printf "%.0f", t }' \
-        "$RUN/.times.$BASHPID"
+    cpu_used=$(awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] }; printf "%.0f", t }' \
+        "$RUN/.times.$BASHPID")
 }
 
-# timed SUITE PROFILE NAME LIMIT COMMAND: a guest step with its time logged; its status in $rc.
+# timed SUITE PROFILE NAME LIMIT COMMAND: a guest step with its time logged; its status in $rc,
+# its wall and CPU time in $step_time.
 timed() {
-    local suite=$1 profile=$2 name=$3 limit=$4 command=$5 started=$SECONDS cpu
-    cpu=$(children_cpu)
+    local suite=$1 profile=$2 name=$3 limit=$4 command=$5 started=$SECONDS cpu_used cpu_before
     local -a cmd
     guest_command "$suite" "$profile" "$limit" "$command"
+    children_cpu
+    cpu_before=$cpu_used
     rc=0
     "${cmd[@]}" >"$RUN/$suite/$profile-$name.log" 2>&1 || rc=$?
-    step_time="$((SECONDS - started)) s (cpu $(($(children_cpu) - cpu)) s)"
+    children_cpu
+    step_time="$((SECONDS - started)) s (cpu $((cpu_used - cpu_before)) s)"
     log "$suite/$profile: $name: exit $rc in $step_time"
 }
 
