@@ -240,9 +240,10 @@ timed() {
     log "$suite/$profile: $name: exit $rc in $step_time"
 }
 
-kernel_objects() {
+# Entries of the fused kernels' cache (one per CPU and numba version) in the clone.
+kernel_entries() {
     local dir=$RUN/$1/root$CLONE/mamba-1p1p1/mamba_ssm/ops/__pycache__
-    if [[ -d $dir ]]; then find "$dir" -maxdepth 1 -name 'bimamba_v2_numba-*.o' | wc -l; else echo 0; fi
+    if [[ -d $dir ]]; then find "$dir" -maxdepth 1 -name '*.kernels' | wc -l; else echo 0; fi
 }
 
 hub_gets() {
@@ -277,19 +278,25 @@ serve() {
 
 # One (suite, Pi): the two README commands and the server; a summary line in $RUN/SUITE/summary.
 run_pair() {
-    local suite=$1 profile=$2 dir=$RUN/$1 objects verdict=PASS line rc step_time status ready
-    local setup_time infer_time smoke kernels top5 numba fetched
+    local suite=$1 profile=$2 dir=$RUN/$1 verdict=PASS line rc step_time status ready
+    local setup_time infer_time smoke checked entries top5 numba fetched
     timed "$suite" "$profile" identity 120 'echo "$(uname -m), $(tr -d "\0" </proc/device-tree/model)"'
     log "$suite/$profile: $(cat "$dir/$profile-identity.log")"
-    objects=$(kernel_objects "$suite")
+    entries=$(kernel_entries "$suite")
     timed "$suite" "$profile" set-up "$SETUP_LIMIT" 'bash scripts/setup_rpi.sh'
     setup_time=$step_time
     line="set-up exit $rc ($setup_time)"
     ((rc == 0)) || verdict=FAIL
     smoke=$(grep -m1 '^ok: torch' "$dir/$profile-set-up.log" || true)
     if [[ -n $smoke ]]; then line+=", smoke test ok"; else line+=", NO smoke test line"; verdict=FAIL; fi
-    kernels=$(($(kernel_objects "$suite") - objects))
-    if ((kernels > 0)); then line+=", numba kernels compiled for this CPU"; else line+=", NO numba kernels compiled"; verdict=FAIL; fi
+    # kernel_check's line, and a new cache entry: compiled here, for this CPU
+    checked=$(grep -m1 '^ok: the fused numba kernels' "$dir/$profile-set-up.log" || true)
+    if [[ -n $checked ]] && (($(kernel_entries "$suite") > entries)); then
+        line+=", numba kernels compiled for this CPU and checked"
+    else
+        line+=", NO numba kernels compiled and checked"
+        verdict=FAIL
+    fi
 
     fetched=$(hub_gets "$suite")
     timed "$suite" "$profile" infer "$RUN_LIMIT" 'rm -rf ~/.cache/huggingface && .venv/bin/python vim/infer_rpi.py'

@@ -2,7 +2,9 @@
 equals a direct forward of the loaded model, options that cannot work are ConfigErrors, and the
 object never touches os.environ."""
 
+import argparse
 import io
+import json
 import os
 
 import numpy as np
@@ -12,8 +14,9 @@ from PIL import Image
 
 import vim_rpi
 from causal_conv1d import backends
-from vim_rpi import Classifier, checkpoint_io, image_preprocess
-from vim_rpi.errors import CheckpointError, ConfigError, ImageError
+from vim_rpi import Classifier, checkpoint_io, cli, image_preprocess
+from vim_rpi.errors import CheckpointError, ConfigError, ImageError, ImageTooLargeError
+from vim_rpi.image_budget import DEFAULT_MAX_IMAGE_MB
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +102,8 @@ def test_bad_topk(clf, topk, message):
     (dict(quantize="int4"), "--quantize"), (dict(input_size=8), "--input-size"),
     (dict(backend="gpu"), "unknown backend 'gpu'"), (dict(device="meta"), "only cpu and cuda"), (dict(device="tpu"), "not a device name"),
     (dict(backend="cuda"), "causal_conv1d_cuda"), (dict(model="vim_base"), "no released weights"),
+    (dict(max_image_mb=0), "--max-image-mb must be a number > 0"), (dict(max_image_mb="64"), "--max-image-mb"),
+    (dict(max_image_mb=float("nan")), "--max-image-mb"),
 ])
 def test_options_that_cannot_work_fail_before_loading(checkpoint, kwargs, message):
     spec = None if kwargs.get("model") == "vim_base" else checkpoint
@@ -133,3 +138,50 @@ def test_a_head_smaller_than_five_classes_works_with_the_defaults(tmp_path):
     assert len(clf.classify(np.zeros((8, 8, 3), np.uint8)).topk) == 3
     with pytest.raises(ConfigError, match="at most the model's 3 classes"):
         clf.classify(np.zeros((8, 8, 3), np.uint8), topk=5)
+
+
+# --- The memory budget per image ---
+
+def test_budget_default_and_info(clf):
+    assert clf.max_image_mb == DEFAULT_MAX_IMAGE_MB == 128
+    assert clf.info()["max_image_mb"] == DEFAULT_MAX_IMAGE_MB
+
+
+def test_images_over_the_budget_are_refused_in_every_form(checkpoint, tmp_path, one_thread):
+    """600 x 600 RGB is 1.4 MB decoded: over a 1 MB budget whether it comes as a file, bytes,
+    a PIL image or an array; a 100 x 100 image still classifies."""
+    small = Classifier(checkpoint, threads=1, max_image_mb=1, warmup=False)
+    pixels = np.full((600, 600, 3), 90, np.uint8)
+    path = tmp_path / "big.png"
+    Image.fromarray(pixels).save(path)
+    for image, name in ((path, str(path)), (path.read_bytes(), "image"), (Image.fromarray(pixels), "image"),
+                        (pixels, "image array")):
+        with pytest.raises(ImageTooLargeError) as info:
+            small.classify(image)
+        message = str(info.value)
+        assert message.startswith(f"{name}: a 600x600 RGB image needs ") and "\n" not in message
+        assert "over the 1 MB budget per image" in message and "--max-image-mb" in message
+    assert len(small.classify(pixels[:100, :100], topk=3).topk) == 3
+    roomy = Classifier(checkpoint, threads=1, max_image_mb=2, warmup=False)
+    assert len(roomy.classify(path, topk=3).topk) == 3
+
+
+def test_budget_flag_is_shared_by_the_front_ends():
+    parser = argparse.ArgumentParser()
+    cli.add_model_arguments(parser)
+    assert parser.parse_args([]).max_image_mb == DEFAULT_MAX_IMAGE_MB
+    assert parser.parse_args(["--max-image-mb", "64.5"]).max_image_mb == 64.5
+
+
+def test_cli_reports_an_image_over_budget_as_one_failed_item(checkpoint, tmp_path, main_in_process):
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.new("RGB", (600, 600), (9, 99, 199)).save(big)
+    Image.new("RGB", (64, 64), (199, 9, 99)).save(small)
+    code, out, err = main_in_process(["-c", checkpoint, "-t", "1", "--max-image-mb", "1", "--json", big, small])
+    assert code == 4 and "Traceback" not in err
+    results = json.loads(out)["results"]
+    assert [r["image"] for r in results] == [str(big), str(small)]
+    assert "over the 1 MB budget per image" in results[0]["error"] and "topk" in results[1]
+    assert f"error: {big}: a 600x600 RGB image needs " in err
+    code, out, err = main_in_process(["-c", checkpoint, "--max-image-mb", "0", small])
+    assert code == 2 and "--max-image-mb: must be a number > 0, got '0'" in err and out == ""

@@ -5,15 +5,25 @@ torch ops from the resized size and crop offsets the test passes in, so the modu
 offset arithmetic is checked against numbers worked out by hand.
 """
 
+import io
+import json
 import math
+import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
-from vim_rpi import image_preprocess
+import hostile_images
+from vim_rpi import image_budget, image_preprocess
+from vim_rpi.errors import ImageTooLargeError
+from vim_rpi.image_budget import DEFAULT_MAX_IMAGE_MB
 from vim_rpi.image_preprocess import ImageError, eval_transform, load_image, preprocess_image, to_rgb
+from vim_rpi.registry import DEFAULT_CROP_PCT
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -371,3 +381,365 @@ def test_permission_denied(tmp_path, monkeypatch):
     monkeypatch.setattr(image_preprocess, "open", denied, raising=False)
     one_line_image_error(path, "permission denied")
 
+
+
+# --- The memory budget per image (issue 18): hostile files, the arithmetic, the strip conversion ---
+
+MB = 2**20
+BIG = 9000  # a side whose 8-bit RGB image alone (309 MB) is over the default budget
+# Pillow 10 and later open 16-bit gray PNGs as "I;16" (2 bytes a pixel), older ones as "I" (4).
+GRAY16 = Image.open(io.BytesIO(hostile_images.png(1, 1, bit_depth=16, color_type=0, pixel=b"\0\0"))).mode
+GRAY16_BYTES = {"I;16": 2, "I": 4}[GRAY16]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """Small files that decode to 9000 x 9000 images, written to disk: {name: path}."""
+    root = tmp_path_factory.mktemp("hostile")
+    files = {
+        "gray16.png": hostile_images.png(BIG, BIG, bit_depth=16, color_type=0, pixel=b"\x04\xd2"),
+        "rgb.png": hostile_images.png(BIG, BIG),
+        "float_rows.tif": hostile_images.float_tiff(BIG, BIG, rows_per_strip=1),
+        "float_strip.tif": hostile_images.float_tiff(BIG, BIG, rows_per_strip=BIG),
+        "separate.jpg": hostile_images.flat_jpeg(BIG, BIG, "separate"),
+        "progressive.jpg": hostile_images.flat_jpeg(BIG, BIG, "progressive"),
+        "interleaved.jpg": hostile_images.flat_jpeg(BIG, BIG, "interleaved"),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return {name: root / name for name in files}
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Any attempt to decode pixels fails the test: what is refused is refused from the header."""
+    def refuse(self):
+        raise AssertionError(f"decoded a {self.size} {self.mode} image")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+# name -> (the size and mode in the message, decoded MB, MB needed in all) for preprocess_image's
+# defaults (224 crop of a 256 resize). Decoded: W * H * bytes per pixel (2 for I;16, 4 for F and RGB).
+# Needed, by hand: the 8-bit gray copy (81 MB) plus a 8 MB strip for the wide modes; the resize of a
+# 9000-pixel side to 256 holds 256 x 9000 (+ 256 x 256) pixels at 1 (gray) or 4 (RGB) bytes; the
+# float TIFF in one strip adds libtiff's 309 MB strip buffer and the file; the JPEGs, drafted to
+# 1125 x 1125, add libjpeg's 3 x 1125^2 blocks x 64 coefficients x 2 bytes (463.5 MB).
+HOSTILE = {
+    "gray16.png": (f"9000x9000 {GRAY16}", 77.2 * GRAY16_BYTES, 77.2 * GRAY16_BYTES + 77.2 + 8 + (256 * 9256) / MB),
+    "rgb.png": ("9000x9000 RGB", 309.0, 309.0 + 4 * 256 * 9256 / MB),
+    "float_rows.tif": ("9000x9000 F", 309.0, 309.0 + 77.2 + 8 + (256 * 9256) / MB),
+    "float_strip.tif": ("9000x9000 F", 309.0, 309.0 + 309.0 + 77.2 + 8 + (256 * 9256) / MB),
+    "separate.jpg": ("1125x1125 RGB", 4.8, 4.8 + 463.5 + 4 * 256 * (256 + 1125) / MB),
+    "progressive.jpg": ("1125x1125 RGB", 4.8, 4.8 + 463.5 + 4 * 256 * (256 + 1125) / MB),
+}
+
+
+def _reported_mb(message, pattern):
+    return float(re.search(pattern, message).group(1))
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_hostile_images_are_refused_from_the_header(hostile, no_decoding, name, as_bytes):
+    source = hostile[name].read_bytes() if as_bytes else hostile[name]
+    with pytest.raises(ImageTooLargeError) as info:
+        preprocess_image(source)
+    message = str(info.value)
+    size_mode, decoded, needed = HOSTILE[name]
+    assert "\n" not in message and message.startswith(f"{'image' if as_bytes else hostile[name]}: a {size_mode} image")
+    assert _reported_mb(message, r"\(([\d.]+) MB of decoded pixels\)") == pytest.approx(decoded, abs=0.15)
+    extra_file = hostile[name].stat().st_size / MB if name == "float_strip.tif" else 0
+    assert _reported_mb(message, r"needs ([\d.]+) MB") == pytest.approx(needed + extra_file, abs=0.3)
+    assert "over the 128 MB budget per image" in message
+    assert "--max-image-mb" in message and "max_image_mb" in message
+
+
+def test_huge_jpeg_that_draft_makes_small_is_decoded_small(hostile, monkeypatch):
+    """9000 x 9000 in one interleaved scan: draft decodes 1125 x 1125 (4.8 MB) a row of blocks at
+    a time, so it is classified; at full size (exact) it is 309 MB and refused."""
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    out = preprocess_image(hostile["interleaved.jpg"])
+    assert set(decoded) == {(1125, 1125)}
+    gray = (128 / 255 - MEAN) / STD
+    assert torch.allclose(out, gray.expand_as(out), atol=1e-6)
+    with pytest.raises(ImageTooLargeError, match=r"a 9000x9000 RGB image needs 318\.1 MB"):
+        preprocess_image(hostile["interleaved.jpg"], exact=True)
+
+
+def test_the_budget_option_raises_the_limit(hostile):
+    out = preprocess_image(hostile["gray16.png"], max_image_mb=250)
+    want = (round(1234 / 257) / 255 - MEAN) / STD
+    assert torch.allclose(out, want.expand_as(out), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), "64", True, None])
+def test_budget_must_be_a_positive_number(tmp_path, bad):
+    with pytest.raises(ValueError, match="max_image_mb must be a number > 0"):
+        preprocess_image(noise_image(8, 8), max_image_mb=bad)
+
+
+# The full-size RGB result of load_image (no resize) needs, in bytes per pixel of the file's mode:
+# RGB 4 (Pillow stores it in 4); palette 1 + 4 for its RGB copy; 16-bit gray 2 (4 as "I") + 1 (8-bit
+# copy) + 4 (RGB), plus the 8 MB strip. A budget of 1 MB is 1,048,576 bytes.
+@pytest.mark.parametrize("color_type, bit_depth, pixel, per_pixel, fixed, width, rows_ok", [
+    (2, 8, b"\x01\x02\x03", 4, 0, 512, 512),  # 512 x 512 x 4 = 1 MB exactly
+    (3, 8, b"\x00", 5, 0, 1024, 204),  # 1024 x 204 x 5 = 1,044,480; one more row is 1,049,600
+    (0, 16, b"\x01\x00", GRAY16_BYTES + 5, 8 * MB, 1024, 1048576 // (1024 * (GRAY16_BYTES + 5))),
+])
+def test_budget_edges(tmp_path, color_type, bit_depth, pixel, per_pixel, fixed, width, rows_ok):
+    budget_mb = (fixed + MB) / MB
+    assert fixed + width * rows_ok * per_pixel <= budget_mb * MB < fixed + width * (rows_ok + 1) * per_pixel
+    palette = b"\x10\x20\x30" if color_type == 3 else b""
+    ok, over = tmp_path / "ok.png", tmp_path / "over.png"
+    ok.write_bytes(hostile_images.png(width, rows_ok, bit_depth=bit_depth, color_type=color_type, pixel=pixel,
+                                      palette=palette))
+    over.write_bytes(hostile_images.png(width, rows_ok + 1, bit_depth=bit_depth, color_type=color_type,
+                                        pixel=pixel, palette=palette))
+    assert load_image(ok, max_image_mb=budget_mb).size == (width, rows_ok)
+    with pytest.raises(ImageTooLargeError, match=f"a {width}x{rows_ok + 1} "):
+        load_image(over, max_image_mb=budget_mb)
+
+
+def test_rgb_png_just_under_and_over_the_default_budget(tmp_path, no_decoding):
+    """8192 x 4096 RGB is 128 MB exactly as load_image's result; one more row is over."""
+    path = tmp_path / "edge.png"
+    path.write_bytes(hostile_images.png(8192, 4097))
+    with pytest.raises(ImageTooLargeError, match=r"needs 128\.1 MB to decode and preprocess \(128\.1 MB of decoded"):
+        load_image(path)
+    path.write_bytes(hostile_images.png(8192, 4096))
+    with pytest.raises(AssertionError, match="decoded a"):  # allowed: it gets as far as decoding
+        load_image(path)
+
+
+def test_multi_frame_files_count_their_first_frame(tmp_path):
+    """Animated GIF and PNG, multi-page TIFF: only the first frame is decoded, and only it counts."""
+    frames = [noise_image(300, 200, seed=s) for s in range(3)]
+    big_second = [frames[0], Image.new("RGB", (3000, 2000), (9, 99, 199))]
+    for path, images in ((tmp_path / "anim.gif", frames), (tmp_path / "anim.png", frames),
+                         (tmp_path / "pages.tif", big_second)):
+        images[0].save(path, save_all=True, append_images=images[1:])
+        with Image.open(path) as check:
+            assert getattr(check, "n_frames", 1) >= 2
+        first = np.asarray(load_image(path))
+        assert first.shape == (200, 300, 3)
+        # One 300 x 200 frame: 1 or 4 bytes decoded, 4 for its RGB copy: well under 0.5 MB.
+        assert np.array_equal(np.asarray(load_image(path, max_image_mb=0.5)), first)
+    big_second[1].save(tmp_path / "big_first.tif", save_all=True, append_images=[frames[0]])
+    with pytest.raises(ImageTooLargeError, match="a 3000x2000 RGB image"):
+        load_image(tmp_path / "big_first.tif", max_image_mb=0.5)
+
+
+def test_gif_frame_larger_than_its_screen_is_counted(no_decoding):
+    """A GIF whose logical screen says 10 x 10 and whose first frame is 3000 x 2000: Pillow grows
+    the canvas when it opens the file, and the budget counts the grown canvas."""
+    buffer = io.BytesIO()
+    Image.new("P", (3000, 2000), 3).save(buffer, "GIF")
+    data = bytearray(buffer.getvalue())
+    data[6:10] = (10).to_bytes(2, "little") * 2  # the logical screen's width and height
+    with pytest.raises(ImageTooLargeError, match=r"image: a 3000x2000 P image needs 28\.7 MB"):
+        load_image(bytes(data), max_image_mb=1)
+
+
+def test_exif_rotation_is_counted_even_when_pillow_sees_it_late(tmp_path):
+    """An upright copy is one more image: a budget that fits the decoded image but not the copy
+    refuses it, also when a PNG stores its EXIF after the pixels (then Pillow reads it only while
+    decoding, and the budget is checked again before the copy)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    img = noise_image(400, 300, seed=3)
+    img.save(buffer, "PNG", exif=exif.tobytes())
+    late = tmp_path / "late.png"
+    late.write_bytes(hostile_images.move_exif_after_pixels(buffer.getvalue()))
+    with Image.open(late) as check:
+        assert "exif" not in check.info  # not before decoding
+    upright = np.rot90(np.asarray(img), -1)
+    np.testing.assert_array_equal(np.asarray(load_image(late)), upright)
+    one_copy = 400 * 300 * 4 / MB  # 0.458 MB; the decoded image and its upright copy: 0.92 MB
+    with pytest.raises(ImageTooLargeError, match=r"a 400x300 RGB image needs 1\.0 MB"):
+        load_image(late, max_image_mb=1.5 * one_copy)
+    early = tmp_path / "early.jpg"
+    save_with_orientation(img, early, 6)
+    with pytest.raises(ImageTooLargeError, match=r"a 400x300 RGB image needs 1\.0 MB"):
+        load_image(early, max_image_mb=1.5 * one_copy)
+    assert load_image(early, max_image_mb=2.1 * one_copy).size == (300, 400)
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_deflate"])  # Pillow's own decoder, libtiff
+def test_tiff_orientation_applied(tmp_path, compression):
+    """The orientation is read from the TIFF's tags before decoding, which moves the file."""
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    img = noise_image(60, 40, seed=4)
+    path = tmp_path / "r.tif"
+    img.save(path, exif=exif, **({"compression": compression} if compression else {}))
+    for source in (path, path.read_bytes()):
+        np.testing.assert_array_equal(np.asarray(load_image(source)), np.rot90(np.asarray(img), 1))
+
+
+def test_formats_whose_header_does_not_bound_the_decode_are_refused(tmp_path):
+    """An ICO's directory may say 16 x 16 and hold a 9000 x 9000 PNG."""
+    path = tmp_path / "icon.ico"
+    noise_image(32, 32).save(path)
+    with pytest.raises(ImageError, match="ICO images are not read here .*convert it to PNG or JPEG"):
+        load_image(path)
+
+
+def test_bytes_per_pixel_is_what_pillow_allocates():
+    """Pillow's arena counts the blocks an image takes: with 4 KB blocks a 1024 x 64 image
+    takes 16 blocks per byte of its pixels."""
+    core = Image.core
+    block_size = core.get_block_size()
+    core.set_block_size(4096)
+    try:
+        for mode in sorted(SUPPORTED_MODES):
+            before = core.get_stats()["allocated_blocks"]
+            img = Image.new(mode, (1024, 64))
+            assert (core.get_stats()["allocated_blocks"] - before) / 16 == image_budget.bytes_per_pixel(mode), mode
+            del img
+    finally:
+        core.set_block_size(block_size)
+    assert image_budget.bytes_per_pixel("La") is None
+
+
+SUPPORTED_MODES = {"1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+                   "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+@pytest.mark.parametrize("mode", sorted(SUPPORTED_MODES))
+def test_every_mode_converts_to_the_working_mode_the_budget_counts(mode):
+    """Random raw bytes in each mode: the 8-bit form is the mode the budget counts, and the
+    transform of it (an "L" one resized before it becomes RGB) equals the reference on to_rgb."""
+    raw_size = len(Image.new(mode, (41, 29)).tobytes())
+    img = Image.frombytes(mode, (41, 29), np.random.default_rng(len(mode)).bytes(raw_size))
+    assert image_preprocess._to_working(img).mode == image_budget.working_mode(mode)
+    assert torch.equal(eval_transform(img), torchvision_like(to_rgb(img)))
+
+
+# --- Strip conversion of wide modes, against numpy float64 statements of to_rgb's formula ---
+
+def reference_16bit(values):
+    """round(clip(v, 0, 65535) / 257) in float64; v / 257 is never exactly half-way (257 is odd)."""
+    return np.round(np.clip(values.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+
+
+def reference_float(values):
+    """NaN -> 0, +inf -> 255, -inf -> 0; images in [0, 1] scaled by 255 (rounded to float32, as
+    the float32 product is), then rounded to the nearest even integer and clipped."""
+    v = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    if v.min() >= 0.0 and v.max() <= 1.0:
+        v = (v * 255.0).astype(np.float32).astype(np.float64)
+    return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+
+
+def random_wide_images(rng, height, width):
+    """(PIL image, values) of random 16-bit, 32-bit and float images, with the edge values."""
+    u16 = rng.integers(0, 65536, (height, width)).astype(np.uint16)
+    u16.flat[:4] = [0, 128, 129, 65535]
+    i32 = rng.integers(-70000, 140000, (height, width)).astype(np.int32)
+    unit = rng.random((height, width), dtype=np.float32)
+    unit.flat[:2] = [0.0, 1.0]
+    wide = (rng.standard_normal((height, width)) * 200).astype(np.float32)
+    wide.flat[:4] = [np.nan, np.inf, -np.inf, 254.5]
+    unit_but_last = unit.copy()
+    unit_but_last[-1, -1] = 1.5  # one pixel, in the last strip, makes the whole image clip instead of scale
+    yield Image.frombytes("I;16", (width, height), u16.astype("<u2").tobytes()), u16
+    yield Image.frombytes("I;16B", (width, height), u16.astype(">u2").tobytes()), u16
+    yield Image.frombytes("I", (width, height), i32.astype("<i4").tobytes()), i32
+    for values in (unit, wide, unit_but_last):
+        yield Image.frombytes("F", (width, height), values.astype("<f4").tobytes()), values
+
+
+@pytest.mark.parametrize("strip_pixels, size", [(1 << 18, (700, 1000)), (1000, (333, 257)), (100, (301, 7))])
+def test_strip_conversion_equals_the_formula(monkeypatch, strip_pixels, size):
+    """Several strips, a partial last one, and strips of one row narrower than the image."""
+    monkeypatch.setattr(image_budget, "STRIP_PIXELS", strip_pixels)
+    height, width = size
+    for img, values in random_wide_images(np.random.default_rng(height), height, width):
+        want = reference_16bit(values) if img.mode != "F" else reference_float(values)
+        got = np.asarray(to_rgb(img))
+        assert got.shape == (height, width, 3), img.mode
+        np.testing.assert_array_equal(got, np.repeat(want[..., None], 3, axis=2), err_msg=img.mode)
+
+
+def test_16bit_png_preprocess_equals_the_reference(tmp_path):
+    values = np.random.default_rng(5).integers(0, 65536, (300, 420)).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    expected = Image.fromarray(reference_16bit(values)).convert("RGB")
+    assert torch.equal(preprocess_image(path), torchvision_like(expected))
+
+
+# --- Peak memory, measured in a fresh process ---
+
+# Imports and warms up once, then forks a child per file: a child's peak RSS (VmHWM) starts at its
+# RSS at the fork, so its growth is what preprocessing that file took.
+_PEAK_SCRIPT = """
+import json, os, sys
+from PIL import Image
+from vim_rpi import image_preprocess
+from vim_rpi.errors import ImageTooLargeError
+
+def peak_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+image_preprocess.preprocess_image(Image.new("I;16", (300, 200)))  # imports and first-call allocations
+budget = float(sys.argv[1])
+for path in sys.argv[2:]:
+    data = open(path, "rb").read()
+    child = os.fork()
+    if child == 0:
+        before = peak_mb()
+        try:
+            image_preprocess.preprocess_image(data, max_image_mb=budget)  # what Classifier.preprocess runs
+            outcome = "ok"
+        except ImageTooLargeError:
+            outcome = "refused"
+        print(json.dumps([path, outcome, peak_mb() - before]), flush=True)
+        os._exit(0)
+    os.waitpid(child, 0)
+"""
+
+
+def peak_growths(paths, budget_mb=DEFAULT_MAX_IMAGE_MB):
+    """{path name: (outcome, growth of the peak RSS in MB)} of preprocessing the bytes of each file."""
+    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(budget_mb), *map(str, paths)],
+                            capture_output=True, text=True, timeout=300, check=True)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == len(paths), result.stderr
+    return {pathlib.Path(path).name: (outcome, growth) for path, outcome, growth in lines}
+
+
+def test_hostile_images_grow_peak_memory_at_most_200_mb(hostile, record_property):
+    """Every 9000 x 9000 file: refused from its header (the interleaved JPEG decoded at 1/8)."""
+    growths = peak_growths(list(hostile.values()))
+    for name, (outcome, growth) in growths.items():
+        record_property(f"peak_growth_mb_{name}", round(growth, 1))
+        assert outcome == ("ok" if name == "interleaved.jpg" else "refused"), name
+        assert growth <= 200, (name, growth)
+
+
+def test_allowed_images_stay_within_their_estimate(tmp_path, record_property):
+    """Images under the default budget peak at about their estimate: the decoded pixels plus
+    bounded extras (8-bit copy, strip, decoder buffers, resize)."""
+    files = {
+        "rgb_near_budget.png": hostile_images.png(5600, 5600),
+        "gray16.png": hostile_images.png(6000, 4000, bit_depth=16, color_type=0, pixel=b"\x80\x00"),
+        "float.tif": hostile_images.float_tiff(4000, 3000, rows_per_strip=16),
+    }
+    estimates = {}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with open(tmp_path / name, "rb") as f, Image.open(f) as img:
+            resize = image_preprocess._resize_buffers(img.size, 224, DEFAULT_CROP_PCT)
+            decoder = image_budget.decoder_bytes(img, f, img.size)
+            estimates[name] = image_budget.needed_bytes(img.mode, img.size, decoder=decoder, resize=resize)
+    for name, (outcome, growth) in peak_growths([tmp_path / name for name in files]).items():
+        decoded, needed = estimates[name]
+        record_property(f"peak_growth_mb_{name}", round(growth, 1))
+        record_property(f"estimate_mb_{name}", round(needed / MB, 1))
+        assert needed <= DEFAULT_MAX_IMAGE_MB * MB and outcome == "ok", name
+        assert decoded / MB - 2 <= growth <= needed / MB + 4, (name, growth, needed / MB)

@@ -12,7 +12,7 @@ PACKAGE = REPO / "vim"
 
 # Lowest first; a module may import modules of strictly lower layers.
 LAYERS = [
-    {"errors", "registry", "imagenet_labels", "progress"},
+    {"errors", "registry", "imagenet_labels", "progress", "image_budget"},
     {"vision_mamba", "hub", "image_preprocess", "quantization", "runtime"},
     {"checkpoint_io"},
     {"factory"},

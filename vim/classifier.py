@@ -19,7 +19,7 @@ import torch
 
 from causal_conv1d import backends
 from mamba_ssm.modules.mamba_simple import build_inference_constants
-from vim_rpi import factory, image_preprocess, imagenet_labels, quantization, registry, runtime
+from vim_rpi import factory, image_budget, image_preprocess, imagenet_labels, quantization, registry, runtime
 from vim_rpi.errors import ConfigError
 
 __all__ = ["Classifier", "Prediction"]
@@ -58,6 +58,9 @@ class Classifier:
         input_size: image side to run at (None: the checkpoint's).
         exact_preprocess: decode JPEGs at full size (the official pixels) instead of the faster
             reduced-scale decode.
+        max_image_mb: the most memory (MB of 2**20 bytes) preprocessing one image may take, worked
+            out from its header before decoding (`vim_rpi.image_budget`); a larger image raises
+            ImageTooLargeError.
         backend: kernel backend ("auto", "ref", "torch", "numba", "cuda"; see
             `causal_conv1d.backends`), applied to every forward of this classifier.
         device: "cpu", or "cuda" where a CUDA build of torch finds a GPU.
@@ -72,10 +75,11 @@ class Classifier:
     """
 
     def __init__(self, checkpoint=None, model=None, *, threads=None, quantize="none", input_size=None,
-                 exact_preprocess=False, backend="auto", device="cpu", ema=False, trust_checkpoint=False,
-                 progress=False, tune_process=True, warmup=True):
-        self.device = _check_options(model, threads, quantize, input_size, backend, device)
+                 exact_preprocess=False, max_image_mb=image_budget.DEFAULT_MAX_IMAGE_MB, backend="auto", device="cpu",
+                 ema=False, trust_checkpoint=False, progress=False, tune_process=True, warmup=True):
+        self.device = _check_options(model, threads, quantize, input_size, max_image_mb, backend, device)
         self.backend, self.quantize, self.exact_preprocess = backend, quantize, exact_preprocess
+        self.max_image_mb = max_image_mb
         if tune_process:
             runtime.tune_malloc()
         if threads is not None:
@@ -102,10 +106,12 @@ class Classifier:
         self.logits(torch.zeros(1, 3, self.input_size, self.input_size))
 
     def preprocess(self, image):
-        """A path, encoded bytes, PIL image or RGB uint8 array (H, W, 3) -> float32 (3, S, S)."""
+        """A path, encoded bytes, PIL image or RGB uint8 array (H, W, 3) -> float32 (3, S, S).
+        Raises ImageTooLargeError (over max_image_mb) or another ImageError."""
         cfg = self.data_config
         return image_preprocess.preprocess_image(image, self.input_size, exact=self.exact_preprocess,
-                                                 crop_pct=cfg["crop_pct"], mean=cfg["mean"], std=cfg["std"])
+                                                 crop_pct=cfg["crop_pct"], mean=cfg["mean"], std=cfg["std"],
+                                                 max_image_mb=self.max_image_mb)
 
     def check_topk(self, k):
         """`k` if it is a valid top-k for this model (None: 5, or every class of a smaller head),
@@ -155,10 +161,11 @@ class Classifier:
         return self.classify_batch([image], topk)[0]
 
     def info(self):
-        """What runs: model, checkpoint, classes, input size, threads, quantize, torch version,
-        backends, load time."""
+        """What runs: model, checkpoint, classes, input size, threads, quantize, the memory budget
+        per image, torch version, backends, load time."""
         return {"model": self.model_name, "checkpoint": self.checkpoint, "num_classes": self.num_classes,
                 "input_size": self.input_size, "threads": torch.get_num_threads(), "quantize": self.quantize,
+                "max_image_mb": self.max_image_mb,
                 "device": str(self.device), "torch": torch.__version__, "backend": self.backend_report(),
                 "load_ms": self.load_ms}
 
@@ -168,7 +175,7 @@ class Classifier:
             return backends.backend_report(torch.empty(0, device=self.device))
 
 
-def _check_options(model, threads, quantize, input_size, backend, device):
+def _check_options(model, threads, quantize, input_size, max_image_mb, backend, device):
     """ConfigError for options that cannot work, before anything slow; returns the torch.device."""
     if model is not None:
         try:
@@ -181,6 +188,10 @@ def _check_options(model, threads, quantize, input_size, backend, device):
         raise ConfigError(f"--quantize must be one of {', '.join(quantization.QUANTIZE_MODES)}, got {quantize!r}")
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 16):
         raise ConfigError(f"--input-size must be an integer >= 16 pixels, got {input_size!r}")
+    try:
+        image_budget.check_max_image_mb(max_image_mb, "--max-image-mb")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     device = runtime.check_device(device)
     if device.type == "cuda" and quantize != "none":
         raise ConfigError("--quantize dynamic-int8 runs on the CPU only; drop it or use --device cpu")

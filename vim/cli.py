@@ -7,12 +7,13 @@ interrupted (a stream that Ctrl-C ends is not: infer_rpi.py treats it as the end
 Predictable problems end with one line on stderr, never a traceback.
 """
 
+import argparse
 import logging
 import os
 import sys
 
 from causal_conv1d import backends
-from vim_rpi import registry
+from vim_rpi import image_budget, registry
 from vim_rpi.errors import (CheckpointError, ConfigError, DatasetError, DownloadError, ImageError, SampleError,
                             SourceError, TrainingError)
 
@@ -64,9 +65,25 @@ def add_model_arguments(parser, *, model_flags=("-m", "--model"), checkpoint=Tru
         parser.add_argument("--exact-preprocess", action="store_true",
                             help="decode JPEGs at full size (the official pixels) instead of the "
                                  "faster reduced-scale decode")
+        parser.add_argument("--max-image-mb", type=_budget_mb, default=image_budget.DEFAULT_MAX_IMAGE_MB,
+                            metavar="MB",
+                            help="most memory one image may take while it is decoded and preprocessed (its "
+                                 "pixels, the decoder's buffers, the 8-bit and rotated copies, the resize), "
+                                 "worked out from its header; a larger image is refused before decoding "
+                                 "[%(default)s]")
     parser.add_argument("--input-size", type=int, metavar="PX",
                         help="side of the square model input [default: the checkpoint's, 224]")
     add_checkpoint_arguments(parser)
+
+
+def _budget_mb(text):
+    """argparse type of --max-image-mb: a number > 0."""
+    try:
+        value = float(text)
+        image_budget.check_max_image_mb(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    return value
 
 
 def add_checkpoint_arguments(parser):

@@ -54,9 +54,10 @@ output:
     probability and label, inference ms); with --json, JSON Lines flushed per frame:
     {{"frame", "t_s", "topk", "timing_ms"}}. The model always takes the newest frame: frames
     that arrive while it is busy are skipped, never queued. SOURCE is a video file (replayed at
-    its frame rate), a camera index (0 = /dev/video0, through OpenCV) or picam (the Pi camera
-    module, through picamera2). Ends at the end of a file, after --max-frames, on Ctrl-C
-    (status 0), or when the camera goes away (one line, status {cli.EXIT_DATA}).
+    its frame rate), a camera index (0 = /dev/video0) or device path (/dev/v4l/by-id/...),
+    through OpenCV, or picam (the Pi camera module, through picamera2). Ends at the end of a
+    file, after --max-frames, on Ctrl-C (status 0), or when the camera goes away (one line,
+    status {cli.EXIT_DATA}).
   --paths-from FILE|-: image paths, one per line, each classified as it arrives; text blocks,
     or with --json JSON Lines {{"image", "topk", "timing_ms"}} or {{"image", "error"}}.
     Ctrl-C ends it like the end of the input (status 0, or {cli.EXIT_DATA} if a path failed).
@@ -87,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     streaming = parser.add_argument_group("streams (the model is loaded once)")
     streaming.add_argument("--video", metavar="SOURCE",
                            help="classify frames continuously: a video file, a camera index (0 = "
-                                "/dev/video0) or picam (the Raspberry Pi camera module)")
+                                "/dev/video0) or device (/dev/v4l/by-id/...), or picam (the Raspberry Pi "
+                                "camera module)")
+    streaming.add_argument("--picam-fps", type=float, metavar="F",
+                           help=f"with --video picam: at most F frames per second from the camera "
+                                f"[{streams.PICAM_FPS:g}]")
+    streaming.add_argument("--picam-mode", type=_mode_size, metavar="WxH",
+                           help="with --video picam: the sensor mode to read (`rpicam-hello --list-cameras` "
+                                "lists them) [the smallest full-field mode at least "
+                                f"{streams.FRAME_HEIGHT} rows tall, e.g. 1640x1232 on Camera Module 2]")
     streaming.add_argument("--max-frames", type=int, metavar="N", help="with --video: stop after N classified frames")
     streaming.add_argument("--every-s", type=float, default=0.0, metavar="S",
                            help="with --video: at most one classification every S seconds [%(default)s: "
@@ -101,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar or information on stderr (errors still shown)")
     return parser
+
+
+def _mode_size(text: str) -> tuple:
+    """--picam-mode WxH -> (w, h)."""
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, such as 1640x1232, got {text!r}")
+    return int(width), int(height)
+
+
+def _check_picam_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.video != "picam" and (args.picam_fps is not None or args.picam_mode is not None):
+        parser.error("--picam-fps and --picam-mode go with --video picam")
+    if args.picam_fps is not None and not 0 < args.picam_fps <= 1000:
+        parser.error(f"--picam-fps must be in (0, 1000], got {args.picam_fps:g}")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -124,6 +148,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--topk must be >= 1, got {args.topk}")
     if args.benchmark < 0:
         parser.error(f"--benchmark must be >= 0, got {args.benchmark}")
+    _check_picam_args(parser, args)
     cli.check_environment(parser, args)
 
 
@@ -132,6 +157,7 @@ def load(args) -> Classifier:
         _log.warning("--trust-checkpoint: unpickling the checkpoint may run code from it")
     return Classifier(args.checkpoint, args.model, threads=args.threads, quantize=args.quantize,
                       input_size=args.input_size, exact_preprocess=args.exact_preprocess, backend=args.backend,
+                      max_image_mb=args.max_image_mb,
                       device=args.device, ema=args.ema, trust_checkpoint=args.trust_checkpoint,
                       progress=not args.quiet, warmup=False)
 
@@ -210,7 +236,8 @@ def _ready(clf: Classifier) -> None:
 
 def run_video(args) -> int:
     """--video: classify the newest frame whenever the model is free; one line per frame."""
-    source = streams.open_video(args.video)  # before the slow load: a missing camera fails at once
+    # before the slow load: a missing camera fails at once
+    source = streams.open_video(args.video, picam_fps=args.picam_fps, picam_mode=args.picam_mode)
     try:
         clf = load(args)
         clf.check_topk(args.topk)

@@ -130,6 +130,7 @@ def main(argv=None) -> int:
         classifier_options=dict(checkpoint=args.checkpoint, model=args.model, threads=args.threads,
                                 quantize=args.quantize, input_size=args.input_size,
                                 exact_preprocess=args.exact_preprocess, backend=args.backend, device=args.device,
+                                max_image_mb=args.max_image_mb,
                                 ema=args.ema, trust_checkpoint=args.trust_checkpoint),
         token=args.token, queue=args.queue, max_batch=args.max_batch, max_upload_mb=args.max_upload_mb,
         upload_timeout_s=args.upload_timeout_s, grace_s=args.grace_s, on_load_error=on_load_error)

@@ -10,15 +10,22 @@ A video file is replayed at its own frame rate, so it behaves like the camera th
 Paths: `image_paths(path, recursive)` lists a directory's images, `read_paths(stream)` yields
 the paths in a byte stream (a file, stdin) line by line as they arrive.
 
-OpenCV (files and camera indices) and picamera2 (the Pi camera module) are optional: each is
-imported only when its source is opened, and a missing one is a ConfigError saying how to
-install it. Every source yields RGB uint8 arrays (H, W, 3), the layout `Classifier.preprocess`
-takes, so a frame is preprocessed exactly like the same pixels read from an image file.
+OpenCV (files, camera indices and device paths) and picamera2 (the Pi camera module, read in a
+full-field sensor mode at a capped frame rate: `PiCameraSource`) are optional: each is imported
+only when its source is opened, and a missing one is a ConfigError saying how to install it.
+Every source yields RGB uint8 arrays (H, W, 3), the layout `Classifier.preprocess` takes, so a
+frame is preprocessed exactly like the same pixels read from an image file.
 """
 
+import contextlib
 import dataclasses
+import errno
+import glob
+import io
+import logging
 import os
 import pathlib
+import stat
 import sys
 import threading
 import time
@@ -29,12 +36,30 @@ from vim_rpi.errors import ConfigError, SourceError, VimError
 from vim_rpi.folder_dataset import IMG_EXTENSIONS
 
 __all__ = ["Frame", "LatestFrame", "LatestFrameStream", "OpenCVSource", "PiCameraSource", "open_video",
-           "bgr_to_rgb", "image_paths", "read_paths", "picamera2_help", "CAMERA_TIMEOUT_S", "PICAM_SIZE"]
+           "bgr_to_rgb", "image_paths", "read_paths", "picamera2_help", "choose_sensor_mode", "CAMERA_TIMEOUT_S",
+           "FRAME_HEIGHT", "PICAM_FPS", "PICAM_FORMAT"]
+
+_log = logging.getLogger(__name__)
 
 CAMERA_TIMEOUT_S = 10.0  # a live camera that delivers no frame for this long is taken as gone
-PICAM_SIZE = (640, 480)  # Pi camera frame (width, height): above the 256-pixel short side preprocessing needs
 _FALLBACK_FPS = 30.0  # replay rate of a video file whose header gives none
+# Pi camera. Frames: FRAME_HEIGHT rows (above the 256-pixel short side preprocessing takes), as
+# wide as the sensor mode's aspect ratio makes them, in a multiple of _WIDTH_ALIGN pixels (the
+# row alignment picamera2's align_configuration uses on a Pi 4's ISP).
+FRAME_HEIGHT = 480
+_WIDTH_ALIGN = 32
+PICAM_FPS = 15.0  # default frame-rate cap (--picam-fps): above what the model classifies per second on a Pi
+PICAM_FORMAT = "BGR888"  # libcamera's name for [R, G, B] bytes per pixel
+_DARK_FRAME_US = 83_333  # longest frame in the dark (12 fps), so auto-exposure can still expose longer
+_FULL_FIELD = 0.95  # a sensor mode whose crop spans this share of the largest crop, both ways, sees the full field
+_LIBCAMERA_LOG_LEVELS = "*:FATAL"  # libcamera's log: our one-line errors say what went wrong
+_MEDIA_DEVICES = "/dev/media*"  # the camera pipelines' media devices, which libcamera locks while it holds a camera
+_PROC = pathlib.Path("/proc")
 _SYSTEM_DIST_PACKAGES = pathlib.Path("/usr/lib/python3/dist-packages")  # where apt installs python3-picamera2
+# OpenCV cannot read frames from the V4L2 nodes of the Pi's own camera receiver (unicam on a Pi 4,
+# rp1-cfe on a Pi 5), ISP and codecs, which come up first (/dev/video0-7 with a camera module).
+_V4L2_SYSFS = pathlib.Path("/sys/class/video4linux")
+_PI_HARDWARE_NODES = ("unicam", "rp1-cfe", "bcm2835-isp", "pispbe", "bcm2835-codec", "rpivid", "rpi-hevc")
 
 
 @dataclasses.dataclass
@@ -53,24 +78,30 @@ def bgr_to_rgb(bgr):
 
 
 class OpenCVSource:
-    """A video file or a camera index (0 = /dev/video0, through OpenCV's V4L2 backend on Linux).
+    """A video file, or a camera through OpenCV's V4L2 backend on Linux: an index (0 = /dev/video0)
+    or a device path (/dev/video2, /dev/v4l/by-id/usb-...-video-index0, which stays the same
+    camera whatever order the devices came up in).
 
     Attributes: name (for messages), live (a camera: frames come in real time), fps (a file's
     replay rate; None for a camera, which paces itself).
-    Raises (at construction): ConfigError without OpenCV; SourceError for a source it cannot open.
+    Raises (at construction): ConfigError without OpenCV; SourceError for a source it cannot open,
+    or a device node of the Pi's own camera or codec hardware (not a webcam).
     """
 
     def __init__(self, spec):
         cv2 = _import_cv2()
         self._cv2 = cv2
-        self.live = isinstance(spec, int)
+        linux = sys.platform.startswith("linux")
+        self.live = isinstance(spec, int) or _is_device(spec)
         if self.live:
-            device = f"/dev/video{spec}"
-            self.name = f"camera {spec} ({device})" if sys.platform.startswith("linux") else f"camera {spec}"
-            backend = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
-            self._capture = _quietly(cv2, lambda: cv2.VideoCapture(spec, backend))
+            device = os.path.realpath(f"/dev/video{spec}" if isinstance(spec, int) else spec)
+            self.name = f"camera {spec}" if device == spec or not linux else f"camera {spec} ({device})"
+            _refuse_pi_hardware_node(self.name, device)
+            backend = cv2.CAP_V4L2 if linux else cv2.CAP_ANY
+            target = spec if isinstance(spec, int) else device
+            self._capture = _quietly(cv2, lambda: cv2.VideoCapture(target, backend))
             if not self._capture.isOpened():
-                reason = ("no such device" if sys.platform.startswith("linux") and not os.path.exists(device)
+                reason = ("no such device" if linux and not os.path.exists(device)
                           else "in use by another program, or not a video capture device")
                 raise SourceError(f"{self.name} could not be opened: {reason}")
             self.fps = None
@@ -99,44 +130,294 @@ class OpenCVSource:
         self._capture.release()
 
 
-class PiCameraSource:
-    """The Raspberry Pi camera module through picamera2 (libcamera), frames of `size` (w, h).
+def _is_device(path):
+    """Whether `path` names a device: a character device (a /dev/video* node, or a symlink to one
+    such as /dev/v4l/by-id/...), or any path in /dev (a camera that is not plugged in)."""
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return os.path.abspath(path).startswith("/dev/")
 
-    The stream is configured as "BGR888", which picamera2 delivers as [R, G, B] bytes per pixel
-    (its names follow libcamera's DRM convention), so frames need no channel swap.
-    Raises (at construction): ConfigError without picamera2; SourceError without a camera.
+
+def _refuse_pi_hardware_node(name, device):
+    """On a Raspberry Pi the camera module's receiver, its ISP and the video codecs are V4L2 devices
+    too, and they come up first (unicam or rp1-cfe take /dev/video0-7): OpenCV cannot read frames
+    from them. Raise SourceError for such a node, saying how to find the webcam."""
+    try:
+        driver = (_V4L2_SYSFS / os.path.basename(device) / "name").read_text().strip()
+    except OSError:  # not a V4L2 device, or not Linux: OpenCV says whether it can open it
+        return
+    if driver.startswith(_PI_HARDWARE_NODES):
+        raise SourceError(f"{name} is {driver}, a node of the Pi's own camera or codec hardware, not a webcam: "
+                          "use --video picam for a camera module; `v4l2-ctl --list-devices` shows which "
+                          "/dev/video* is a USB camera (or name it by its stable /dev/v4l/by-id/ path)")
+
+
+class PiCameraSource:
+    """The Raspberry Pi camera module through picamera2 (libcamera): the sensor's full field of view,
+    at most `max_fps` frames a second.
+
+    Sensor mode. A sensor reads out in a few modes: some cover the whole pixel array (binned 2x2, or
+    at full resolution), others a centre crop at a higher frame rate. Asked for 640x480 frames,
+    picamera2 takes the mode nearest that size, a crop on the common cameras (Camera Module 2,
+    IMX219: 1280x960 of the 3280x2464 array, 39 % of the width, up to 206 fps; Module 3, IMX708:
+    3072x1728 of 4608x2592 at up to 120 fps). This source reads sensor mode `mode` (w, h) when
+    given, else the one `choose_sensor_mode` picks (full field, binned), and its frames keep that
+    mode's aspect ratio, FRAME_HEIGHT rows tall: the whole picture `rpicam-hello` shows.
+
+    Frame rate. The FrameDurationLimits control lets a frame take between 1/max_fps s and, for a
+    longer exposure in the dark, 1/12 s (picamera2's preview default), so the reader thread does
+    not copy frames (1 MB each) much faster than the model takes them.
+
+    Colour. Frames are requested as "BGR888", which libcamera (naming formats the DRM way, by the
+    bits of a little-endian word) lays out as [R, G, B] bytes per pixel, so they need no channel
+    swap; picamera2 trims each row's padding. The configured format and every frame's shape are
+    checked against this.
+
+    Attributes: name ("Pi camera (imx708)"), live, fps (None: the camera paces itself), mode (the
+    sensor mode's (w, h); None for a camera without raw modes), shape ((H, W, 3) of every frame).
+    Raises (at construction): ConfigError without a working picamera2; SourceError for no camera
+    module, a busy camera (naming the process that holds it), a `mode` the sensor lacks, or a
+    configuration other than the one asked for. The camera is closed on every failure after it
+    was opened.
     """
 
-    live, fps, name = True, None, "Pi camera"
+    live, fps = True, None
 
-    def __init__(self, size=PICAM_SIZE):
+    def __init__(self, max_fps=PICAM_FPS, mode=None):
+        if not max_fps > 0:
+            raise ValueError(f"max_fps must be > 0, got {max_fps}")
         picamera2 = _import_picamera2()
+        self.name, self.mode, self.shape = "Pi camera", None, None
+        try:
+            cameras = picamera2.Picamera2.global_camera_info()  # starts libcamera's camera manager
+        except Exception as error:
+            raise SourceError(_open_failure(error)) from None
+        if not cameras or "/usb" in cameras[0].get("Id", ""):  # picamera2 sorts USB cameras last
+            raise SourceError(_no_camera_module(cameras))
         try:
             self._camera = picamera2.Picamera2()
-            self._camera.configure(self._camera.create_preview_configuration(
-                main={"size": tuple(size), "format": "BGR888"}))
-            self._camera.start()
-        except (IndexError, RuntimeError, OSError) as error:
-            raise SourceError(f"Pi camera could not be opened: {error} (check the ribbon cable; "
-                              "`rpicam-hello --list-cameras` lists the cameras libcamera sees)") from None
+        except Exception as error:  # picamera2 wraps what libcamera raised in a RuntimeError
+            raise SourceError(_open_failure(error)) from None
+        try:
+            self._start(max_fps, mode)
+        except BaseException as error:
+            with contextlib.suppress(Exception):  # the failure that got us here is the one to report
+                self._camera.close()
+            if isinstance(error, VimError) or not isinstance(error, Exception):
+                raise
+            raise SourceError(f"{self.name} could not be started: {_reason(error)}") from None
+
+    def _start(self, max_fps, mode):
+        camera = self._camera
+        model = camera.camera_properties.get("Model")
+        if model:
+            self.name = f"Pi camera ({model})"
+        chosen = choose_sensor_mode(camera.sensor_modes, mode, self.name)
+        sensor, size = {}, (640, FRAME_HEIGHT)
+        if chosen is not None:
+            self.mode = tuple(chosen["size"])
+            sensor = {"output_size": self.mode, "bit_depth": chosen["bit_depth"]}
+            size = _frame_size(self.mode)
+        controls = {}
+        if "FrameDurationLimits" in camera.camera_controls:
+            shortest = round(1e6 / max_fps)
+            controls["FrameDurationLimits"] = (shortest, max(shortest, _DARK_FRAME_US))
+        camera.configure(camera.create_preview_configuration(main={"size": size, "format": PICAM_FORMAT},
+                                                             sensor=sensor, controls=controls))
+        self._check(camera.camera_config)
+        camera.start()
+        mode_text = f"sensor mode {self.mode[0]}x{self.mode[1]}, " if self.mode else ""
+        _log.info(f"{self.name}: {mode_text}{self.shape[1]}x{self.shape[0]} frames, at most {max_fps:g} per second")
+
+    def _check(self, config):
+        """Fail unless the camera was configured as the code reads it: PICAM_FORMAT frames (RGB) from
+        the chosen sensor mode. Sets `shape` from the configured size (libcamera may adjust it)."""
+        main = config["main"]
+        if main["format"] != PICAM_FORMAT:
+            raise SourceError(f"{self.name} was configured for {main['format']} frames, not {PICAM_FORMAT} (RGB): "
+                              "this picamera2 or libcamera does not deliver what vim_rpi reads")
+        width, height = main["size"]
+        self.shape = (height, width, 3)
+        running = (config.get("sensor") or {}).get("output_size")
+        if self.mode is not None and running is not None and tuple(running) != self.mode:
+            raise SourceError(f"{self.name} runs sensor mode {running[0]}x{running[1]}, not the "
+                              f"{self.mode[0]}x{self.mode[1]} asked for")
 
     def read(self):
-        """The next frame, RGB uint8 (H, W, 3). Raises SourceError when the camera fails."""
+        """The next frame, RGB uint8 (H, W, 3) of `shape`. Blocks while the camera delivers none (a
+        stalled camera: the stream's watchdog gives up on it). Raises SourceError when picamera2
+        fails or delivers a frame of another shape or type."""
         try:
-            return self._camera.capture_array("main")
+            pixels = self._camera.capture_array("main")
         except Exception as error:  # picamera2 raises several kinds when the camera goes away
-            raise SourceError(f"Pi camera stopped delivering frames: {error}") from None
+            raise SourceError(f"{self.name} stopped delivering frames: {error}") from None
+        if pixels.shape != self.shape or pixels.dtype != np.uint8:
+            raise SourceError(f"{self.name} delivered a {pixels.dtype} frame of shape {pixels.shape}, not the "
+                              f"configured uint8 {self.shape}")
+        return pixels
 
     def close(self):
-        self._camera.stop()
-        self._camera.close()
+        try:
+            self._camera.stop()
+        finally:
+            self._camera.close()
 
 
-def open_video(spec):
-    """A frame source for --video SOURCE: "picam" (the Pi camera module), a camera index ("0"),
-    or a video file (name a file called "0" as "./0")."""
+def choose_sensor_mode(modes, size=None, name="the Pi camera"):
+    """The sensor mode to read: the one of `size` (w, h) when given (of the highest bit depth), else
+    the smallest mode that covers the full field of view and is at least FRAME_HEIGHT rows tall,
+    or the largest full-field mode when none is that tall. A mode covers the full field when its
+    crop spans at least _FULL_FIELD of the largest crop's width and height. On the Raspberry Pi
+    cameras that is a binned mode (Camera Module 1, OV5647: 640x480; Module 2, IMX219: 1640x1232;
+    Module 3, IMX708: 2304x1296; HQ, IMX477: 2028x1520), where the mode nearest 640x480 is a
+    centre crop on all but Module 1.
+
+    Args:
+        modes: picamera2's `sensor_modes`: dicts with "size" (w, h), "bit_depth", "fps" and
+            "crop_limits" (x, y, w, h) in pixel-array coordinates; entries without "size" (not a
+            raw sensor) are ignored.
+        size: the (w, h) of the mode wanted (--picam-mode), or None.
+        name: the camera, for messages.
+    Returns: the chosen mode dict, or None when no mode has a size (nothing to choose).
+    Raises: SourceError when `size` is not one of the modes' sizes.
+    """
+    sized = [mode for mode in modes if "size" in mode and "crop_limits" in mode]
+    if size is not None:
+        matching = [mode for mode in sized if tuple(mode["size"]) == tuple(size)]
+        if not matching:
+            listed = ", ".join(f"{w}x{h}" for w, h in sorted({tuple(mode["size"]) for mode in sized})) or "none"
+            raise SourceError(f"{name} has no sensor mode {size[0]}x{size[1]} (--picam-mode); its modes: {listed}")
+        return max(matching, key=lambda mode: mode["bit_depth"])
+    if not sized:
+        return None
+    largest = max(sized, key=lambda mode: mode["crop_limits"][2] * mode["crop_limits"][3])["crop_limits"]
+    full = [mode for mode in sized if mode["crop_limits"][2] >= _FULL_FIELD * largest[2]
+            and mode["crop_limits"][3] >= _FULL_FIELD * largest[3]]
+    tall = [mode for mode in full if mode["size"][1] >= FRAME_HEIGHT]
+    if tall:
+        return min(tall, key=lambda mode: (mode["size"][0] * mode["size"][1], -mode["bit_depth"]))
+    return max(full, key=lambda mode: (mode["size"][0] * mode["size"][1], mode["bit_depth"]))
+
+
+def _frame_size(mode_size):
+    """(w, h) of the frames read from a sensor mode of `mode_size` (w, h): FRAME_HEIGHT rows (a
+    shorter mode's own height) and the mode's aspect ratio, the width a multiple of _WIDTH_ALIGN."""
+    width, height = mode_size
+    rows = min(FRAME_HEIGHT, height) // 2 * 2
+    return max(_WIDTH_ALIGN, round(rows * width / height / _WIDTH_ALIGN) * _WIDTH_ALIGN), rows
+
+
+def _chain(error):
+    """`error` and the exceptions it was raised from (__cause__, else __context__), outermost first."""
+    chain = [error]
+    while (error := error.__cause__ or error.__context__) is not None and error not in chain:
+        chain.append(error)
+    return chain
+
+
+def _reason(error):
+    """The innermost cause of `error` in one short line (picamera2's messages can hold a whole
+    configuration dict, which is cut off)."""
+    root = _chain(error)[-1]
+    lines = str(root).strip().splitlines()
+    text = lines[0].split(": {", 1)[0] if lines else type(root).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _open_failure(error):
+    """The message for Picamera2() failing: the camera busy (who holds it, how to free it), gone,
+    or libcamera's own reason."""
+    chain = _chain(error)
+    if any(isinstance(e, IndexError) for e in chain):  # picamera2 indexes its list of cameras
+        return _no_camera_module([])
+    if any(getattr(e, "errno", None) == errno.EBUSY or os.strerror(errno.EBUSY) in str(e) for e in chain):
+        return _camera_busy(_camera_lock_holders())
+    return (f"the Pi camera could not be opened: {_reason(error)} (`rpicam-hello --list-cameras` lists the "
+            "cameras libcamera sees)")
+
+
+def _no_camera_module(cameras):
+    """What to check when libcamera lists no camera module (`cameras`: the USB cameras it lists)."""
+    denied = [path for path in sorted(glob.glob(_MEDIA_DEVICES)) if not os.access(path, os.R_OK | os.W_OK)]
+    if denied:
+        return (f"no camera found: this user may not open {denied[0]} (libcamera needs the video group): "
+                "sudo usermod -aG video $USER, then log in again")
+    if cameras:
+        return ("libcamera finds no camera module, only a USB camera: read that with --video N or its "
+                "/dev/v4l/by-id/ path (`v4l2-ctl --list-devices` lists them)")
+    return ("no camera module found: `rpicam-hello --list-cameras` should list it; if it does not, power off and "
+            "reseat the ribbon cable at both ends (contacts the right way round), and check that "
+            "/boot/firmware/config.txt has camera_auto_detect=1 or the dtoverlay line for your sensor")
+
+
+def _camera_busy(holders):
+    """The message for a camera another process holds (`holders`: their pids, maybe none known)."""
+    if not holders:
+        return ("the Pi camera is in use by another program (an rpicam or libcamera app, a picamera2 script, "
+                "another infer_rpi.py, or a service such as motion); `sudo fuser -v /dev/media*` names it")
+    return "the Pi camera is in use by " + "; and by ".join(
+        f"{who}: {how}" for who, how in (_describe_process(pid) for pid in holders))
+
+
+def _camera_lock_holders(devices=None, locks=None):
+    """Pids of the other processes that hold a camera: libcamera takes a POSIX lock (lockf) on each
+    media device (/dev/media*) of a camera it acquires, and /proc/locks lists each lock's pid and
+    file (major:minor of its file system in hex, then the inode). Empty when none can be found."""
+    files = {}
+    for path in glob.glob(_MEDIA_DEVICES if devices is None else devices):
+        with contextlib.suppress(OSError):
+            status = os.stat(path)
+            files[(os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)] = path
+    try:
+        lines = (_PROC / "locks" if locks is None else locks).read_text().splitlines()
+    except OSError:
+        return []
+    holders = []
+    for line in lines:  # "1: POSIX  ADVISORY  WRITE 1234 00:05:301 0 EOF"; a waiter has "->" after the number
+        fields = line.split()[1:]
+        if len(fields) < 5 or fields[0] == "->":
+            continue
+        try:
+            pid = int(fields[3])
+            major, minor, inode = fields[4].split(":")
+            key = (int(major, 16), int(minor, 16), int(inode))
+        except ValueError:
+            continue
+        if key in files and pid > 0 and pid != os.getpid() and pid not in holders:
+            holders.append(pid)
+    return holders
+
+
+def _describe_process(pid, proc=None):
+    """(who, how to free the camera) for process `pid`: a system service, a user's service (e.g.
+    PipeWire's wireplumber), or a program, told apart by the systemd unit its cgroup names."""
+    base = (_PROC if proc is None else proc) / str(pid)
+    try:
+        program = " ".join(os.fsdecode(arg) for arg in (base / "cmdline").read_bytes().split(b"\0")[:2] if arg)
+    except OSError:
+        program = ""
+    try:
+        cgroups = (base / "cgroup").read_text().splitlines()
+    except OSError:
+        cgroups = []
+    for line in cgroups:  # "0::/system.slice/motion.service"; v1 systems also have "1:name=systemd:/..."
+        path = line.split(":", 2)[-1]
+        unit = path.rsplit("/", 1)[-1]
+        if unit.endswith(".service"):
+            if "/user@" in path:
+                return (f"the user service {unit} (pid {pid}: {program})", f"stop it: systemctl --user stop {unit}")
+            return f"the service {unit} (pid {pid}: {program})", f"stop it: sudo systemctl stop {unit}"
+    return f"pid {pid} ({program or 'a process that has ended'})", f"close it, or end it: kill {pid}"
+
+
+def open_video(spec, *, picam_fps=None, picam_mode=None):
+    """A frame source for --video SOURCE: "picam" (the Pi camera module: at most `picam_fps` frames
+    a second [PICAM_FPS], from sensor mode `picam_mode` (w, h) [the full-field mode
+    `choose_sensor_mode` picks]), a camera index ("0"), a camera device path (/dev/video2,
+    /dev/v4l/by-id/...) or a video file (name a file called "0" as "./0")."""
     if spec == "picam":
-        return PiCameraSource()
+        return PiCameraSource(PICAM_FPS if picam_fps is None else picam_fps, picam_mode)
     if spec.isdigit():
         return OpenCVSource(int(spec))
     return OpenCVSource(spec)
@@ -144,13 +425,13 @@ def open_video(spec):
 
 def _quietly(cv2, open_capture):
     """Call open_capture() with OpenCV's own warnings off: our SourceError says it in one line."""
-    logging = cv2.utils.logging
-    level = logging.getLogLevel()
-    logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+    cv_log = cv2.utils.logging
+    level = cv_log.getLogLevel()
+    cv_log.setLogLevel(cv_log.LOG_LEVEL_ERROR)
     try:
         return open_capture()
     finally:
-        logging.setLogLevel(level)
+        cv_log.setLogLevel(level)
 
 
 def _import_cv2():
@@ -163,15 +444,41 @@ def _import_cv2():
 
 
 def _import_picamera2():
+    """Import picamera2 (apt's python3-picamera2) so that a failure is one line: libcamera logs
+    only fatal errors unless LIBCAMERA_LOG_LEVELS says otherwise (it reads the variable once, when
+    first loaded), picamera2's Python loggers only critical ones, and what the import prints (numpy
+    warns about modules built for another numpy) is shown only when it succeeds.
+    Raises ConfigError when picamera2 is missing, or found but fails to import."""
+    os.environ.setdefault("LIBCAMERA_LOG_LEVELS", _LIBCAMERA_LOG_LEVELS)
+    logging.getLogger("picamera2").setLevel(logging.CRITICAL)
+    printed = io.StringIO()
     try:
-        import picamera2
-    except ImportError as error:
+        with contextlib.redirect_stderr(printed):
+            import picamera2
+    except ModuleNotFoundError as error:
+        if error.name != "picamera2":
+            raise ConfigError(_broken_picamera2(error)) from None
         raise ConfigError(f"--video picam needs picamera2 ({error}). " + picamera2_help()) from None
     except Exception as error:  # found, but broken: typically a numpy other than the one apt's build expects
-        raise ConfigError(f"--video picam: picamera2 fails to import ({type(error).__name__}: {error}); "
-                          "apt's picamera2 needs the system's numpy, which a numpy pip-installed into the venv "
-                          "hides") from None
+        raise ConfigError(_broken_picamera2(error)) from None
+    sys.stderr.write(printed.getvalue())
     return picamera2
+
+
+def _broken_picamera2(error):
+    """The message for a picamera2 that is installed but fails to import with `error`. apt builds
+    python3-picamera2's compiled dependencies (simplejpeg) against the system's numpy; a numpy
+    pip-installed into the venv hides it, and simplejpeg then fails with "numpy.dtype size
+    changed" (bookworm: numpy 1.24 against the venv's numpy 2)."""
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else ""
+    message = f"--video picam: picamera2 fails to import ({type(error).__name__}: {first_line})"
+    numpy_dir = pathlib.Path(np.__file__).parent.parent
+    if "numpy" not in text.lower() or numpy_dir == _SYSTEM_DIST_PACKAGES:
+        return message + "; run `python3 -c 'import picamera2'` to see why"
+    return (f"{message}: apt's picamera2 is built against the system's numpy, which numpy {np.__version__} in "
+            f"{numpy_dir} hides; run: bash scripts/setup_rpi.sh --system-site-packages (it removes that numpy "
+            "from the venv)")
 
 
 def picamera2_help(prefix=None, base_prefix=None, system_packages=_SYSTEM_DIST_PACKAGES):

@@ -23,30 +23,22 @@ its A stay in L1; the channel block is chosen per call (`_channel_block`) so tha
 split evenly over the threads (Vim-Tiny at batch 1: 3 items of 128 channels on 1 or 3 threads,
 4 of 96 on 2 or 4). exp, silu and softplus are `numba_math`'s vectorizable float32 versions.
 
-Start-up: importing numba and loading its on-disk cache costs ~0.4 s here (~0.8 s on a Pi, as
-issue 13 measured), more than the fused kernels save on one image. So numba only compiles: `warm_up()`
-(run at set-up time) compiles the kernels as C functions (numba.cfunc) and stores LLVM's
-machine code for this CPU in one object file; later processes load that file with llvmlite
-alone (~25 ms, numba is not imported) and call the kernels through ctypes, which releases the
-GIL. The cache lives in __pycache__ next to this file, or in NUMBA_CACHE_DIR when set (as
-numba's own cache), or ~/.cache/mamba_ssm when the package directory is not writable. Its name
-hashes the kernel sources, the numba and llvmlite versions and the CPU (name and features), so
-an upgrade or a copied cache compiles afresh.
+Start-up: numba only compiles, once per CPU; later processes load the machine code with llvmlite
+alone (`kernel_cache`) and call the kernels through ctypes, which releases the GIL.
 
 Threads: torch.get_num_threads() of torch's own OpenMP team run each kernel (`_openmp_runtime`);
 threads of ours lost the cores to that team's spin-waiting.
 """
 
 import ctypes
-import hashlib
-import importlib.metadata
-import json
 import os
 import pathlib
 import threading
 
 import numpy as np
 import torch
+
+from mamba_ssm.ops import kernel_cache
 
 # Channels per scan work item: larger blocks spend less per (step, state row) on loop set-up (on
 # this x86 machine, 1 thread: 32 channels 1.48 ms per Vim-Tiny layer, 64 1.36, 128 1.25), smaller
@@ -55,12 +47,8 @@ import torch
 BLOCKS = (128, 96, 64, 48, 32, 16)
 CONV_STEPS = 16  # time steps per conv work item (each reads the whole channel row: long loops)
 NORM_ROWS = 16  # rows per add + RMSNorm work item
-_CACHE_FORMAT = 1
-_SOURCES = ("bimamba_v2_numba.py", "numba_math.py")  # what the compiled code is made of
-# numba's runtime functions that cfunc wrappers reference on their error path only (when a kernel
-# raises). These kernels cannot raise (no allocation, no bounds checks, numpy's float error model)
-# and numba is not loaded to provide them: they are bound to abort() unless numba already is.
-_ERROR_PATH_SYMBOLS = ("numba_gil_ensure", "numba_gil_release", "NRT_MemInfo_call_dtor")
+_HERE = pathlib.Path(__file__).resolve().parent
+_SOURCES = (_HERE / "bimamba_v2_numba.py", _HERE / "numba_math.py")  # what the compiled code is made of
 
 
 def _define_kernels():
@@ -222,123 +210,16 @@ def _define_kernels():
     return {"conv": conv, "scan": scan, "add_rms_norm": add_rms_norm}
 
 
-# ---- compiled code: built by numba once, loaded by llvmlite ------------------------------------
-
-def _cache_dir():
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return pathlib.Path(os.environ["NUMBA_CACHE_DIR"])
-    here = pathlib.Path(__file__).resolve().parent
-    if os.access(here, os.W_OK):
-        return here / "__pycache__"
-    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "mamba_ssm"
-
-
-def _target_machine(llvm):
-    """LLVM's machine for this CPU. Unlike numba's JIT (large code model on x86-64), the small
-    position-independent model: constants are read relative to the code instead of through
-    64-bit absolute addresses (a register and an instruction each) in the inner loops, ~7% of
-    the scan. It needs code and data within 2 GB (4 GB on AArch64) of each other, which llvmlite's
-    memory manager guarantees by placing all sections of the object in one block (`use_lmm`)."""
-    try:
-        features = llvm.get_host_cpu_features().flatten()
-    except RuntimeError:  # some platforms cannot report them: the CPU name decides alone
-        features = ""
-    triple = llvm.get_process_triple()
-    target = llvm.Target.from_triple(triple)
-    machine = target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=features, opt=3,
-                                           reloc="pic", codemodel="small")
-    return machine, f"{triple} {llvm.get_host_cpu_name()} {features}"
-
-
-def _cache_key(cpu):
-    try:
-        numba_version = importlib.metadata.version("numba")
-    except importlib.metadata.PackageNotFoundError:
-        raise ImportError("numba is not installed (pip install numba)") from None
-    import llvmlite
-
-    digest = hashlib.sha256(f"{_CACHE_FORMAT} {numba_version} {llvmlite.__version__} {cpu}".encode())
-    here = pathlib.Path(__file__).resolve().parent
-    for name in _SOURCES:
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()[:24]
-
-
-def _compile(llvm, machine):
-    """numba -> LLVM IR -> machine code. Returns (object bytes, {"symbols", "externals"})."""
-    kernels = _define_kernels()
-    irs = [k.inspect_llvm() for k in kernels.values()]
-    module = llvm.parse_assembly(irs[0])
-    for ir in irs[1:]:
-        module.link_in(llvm.parse_assembly(ir))
-    module.verify()
-    externals = sorted({line.split("@", 1)[1].split("(", 1)[0] for ir in irs for line in ir.splitlines()
-                        if line.startswith("declare") and "@llvm." not in line})
-    meta = {"symbols": {name: k.native_name for name, k in kernels.items()}, "externals": externals}
-    return machine.emit_object(module), meta
-
-
-def _read_cache(path):
-    try:
-        meta = json.loads(path.with_suffix(".json").read_text())
-        return path.with_suffix(".o").read_bytes(), meta
-    except (OSError, ValueError):
-        return None
-
-
-def _write_cache(path, obj, meta):
-    """Best effort (a read-only installation still runs, compiling in each process)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for suffix, data in ((".o", obj), (".json", json.dumps(meta).encode())):
-            tmp = path.with_suffix(f"{suffix}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path.with_suffix(suffix))  # the .json last: it marks a complete entry
-    except OSError:
-        pass
-
-
-def _resolve_externals(llvm, names):
-    """Make sure the JIT can link every function the object calls (else LLVM aborts the process)."""
-    process = ctypes.CDLL(None)
-    abort = ctypes.cast(process.abort, ctypes.c_void_p).value
-    for name in names:
-        if llvm.address_of_symbol(name) or hasattr(process, name):
-            continue
-        if name not in _ERROR_PATH_SYMBOLS:
-            raise RuntimeError(f"the compiled kernels need {name}, which this process does not provide")
-        llvm.add_symbol(name, abort)
-
+# ---- compiled code: built by numba once, loaded by llvmlite (`kernel_cache`) ----------------------
 
 class _Kernels:
     """The loaded machine code: each kernel as an (address, ctypes function) pair, and
     `openmp`, torch's GOMP_parallel (or None)."""
 
     def __init__(self):
-        import llvmlite.binding as llvm
-
-        try:
-            llvm.initialize()  # llvmlite < 0.45 needs it; later ones initialize LLVM themselves and refuse it
-        except RuntimeError:
-            pass
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
-        machine, cpu = _target_machine(llvm)
-        path = _cache_dir() / f"bimamba_v2_numba-{_cache_key(cpu)}"
-        cached = _read_cache(path)
-        if cached is None:
-            cached = _compile(llvm, machine)
-            _write_cache(path, *cached)
-        obj, meta = cached
-        _resolve_externals(llvm, meta["externals"])
-        self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), machine, use_lmm=True)
-        self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
-        self._engine.finalize_object()
-        self.path = path
-        for name in ("conv", "scan", "add_rms_norm"):
-            address = self._engine.get_function_address(meta["symbols"][name])
-            if not address:
-                raise RuntimeError(f"{path}.o has no kernel {name!r}")
+        code = kernel_cache.load("bimamba_v2_numba", _SOURCES, _define_kernels, ("conv", "scan", "add_rms_norm"))
+        self._code, self.path = code, code.path  # _code owns the memory the kernels live in
+        for name, address in code.addresses.items():
             setattr(self, name, (address, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)))
         self.openmp = _openmp_runtime()
 
@@ -391,8 +272,10 @@ def _kernels():
 
 def warm_up():
     """Compile the kernels (into the on-disk cache) or load them; call at set-up time, or at
-    model load (it may run in a background thread). Raises RuntimeError naming the cause."""
-    _kernels()
+    model load (it may run in a background thread). Returns the cache entry they were loaded
+    from or stored in, or None when none could be written (`kernel_cache`). Raises RuntimeError
+    naming the cause."""
+    return _kernels().path
 
 
 def load_error():
