@@ -115,16 +115,19 @@ unset TORCH_INDEX_URL to use PyTorch's CPU index ($CPU_INDEX), or set it to a mi
 fi
 "${pip[@]}" "${index[@]}" "${torch_pkgs[@]}"
 
-echo "== installing the other dependencies"
-"${pip[@]}" "numpy>=1.22" "pillow>=9.1" "tqdm>=4.60" "huggingface_hub>=1.1,<3"
-[ "$EXTRAS" = 0 ] || "${pip[@]}" "timm>=0.9" -r scripts/requirements-camera.txt
-"${pip[@]}" -e causal-conv1d -e mamba-1p1p1 -e .
+# The rest in one resolution: what pip picks for one package (numpy for OpenCV, say) then suits
+# all of them, and pip starts once (seconds on a Pi).
+packages=("numpy>=1.22" "pillow>=9.1" "tqdm>=4.60" "huggingface_hub>=1.1,<3")
+if [ "$EXTRAS" = 1 ]; then
+  echo "== installing the other dependencies (timm, OpenCV, the HTTP server's, numba) and this project"
+  packages+=("timm>=0.9" -r scripts/requirements-camera.txt -r scripts/requirements-serve.txt -r scripts/requirements-numba.txt)
+else
+  echo "== installing the other dependencies and this project"
+fi
+"${pip[@]}" "${packages[@]}" -e causal-conv1d -e mamba-1p1p1 -e .
 
 if [ "$EXTRAS" = 1 ]; then
-  echo "== installing the HTTP server's packages (vim/serve_rpi.py)"
-  "${pip[@]}" -r scripts/requirements-serve.txt
-  echo "== installing numba; compiling the fused Vim kernels for this CPU (once; later runs load them) and checking them"
-  "${pip[@]}" -r scripts/requirements-numba.txt
+  echo "== compiling the fused Vim kernels for this CPU (once; later runs load them) and checking them"
   # One line: the kernels match the pure-PyTorch path and where they are cached, or why they will
   # not be used. Either way the model runs, so the set-up goes on.
   "$VENV/bin/python" -m mamba_ssm.kernel_check || true
