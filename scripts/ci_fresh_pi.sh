@@ -8,8 +8,9 @@
 #   1. bash scripts/setup_rpi.sh            the full set-up, with TORCH_INDEX_URL= (pip's default
 #                                           index; CI reaches no other, and on aarch64 it is CPU-only)
 #   2. .venv/bin/python vim/infer_rpi.py    HF_ENDPOINT at a loopback stand-in of the Hub
-#                                           (fresh_pi/fake_hub.py) holding a random-weight Vim-Tiny at
-#                                           the released file's path; a fresh Hub cache on each Pi
+#                                           (fresh_pi/fake_hub.py) holding a small random-weight
+#                                           Vim-Tiny at the released file's path; a fresh Hub cache
+#                                           on each Pi
 #   3. .venv/bin/python vim/serve_rpi.py    until /readyz says 200, then one POST /v1/classify
 # The Pi 5 runs set-up again on the venv the Pi 4 made (the kernels compile per CPU). Then, once
 # per suite, setup_rpi.sh --system-site-packages and fresh_pi/check_system_site.py (apt's numpy
@@ -172,7 +173,9 @@ build_root() {
 }
 
 # The weights infer_rpi.py fetches by default, at the path the Hub serves them from: the
-# released layout (save_checkpoint) of a Vim-Tiny with random weights.
+# released layout (save_checkpoint) of a Vim-Tiny with random weights, 2 blocks of width 64 in
+# the place of 24 of width 192 (as tests/test_hub.py): under emulation a forward of the full
+# model takes ~35 s, and the server's step needs two.
 make_weights() {
     "$HOST_PY" - "$1" <<'EOF'
 import os, sys, torch
@@ -181,7 +184,8 @@ from vim_rpi import checkpoint_io, factory, hub, registry
 
 owner, repo, name = factory.default_checkpoint()[len(hub.HUB_PREFIX):].split("/", 2)
 torch.manual_seed(0)
-checkpoint_io.save_checkpoint(os.path.join(sys.argv[1], owner, repo, name), vim_rpi.create_model(registry.DEFAULT_MODEL))
+model = vim_rpi.create_model(registry.DEFAULT_MODEL, depth=2, embed_dim=64)
+checkpoint_io.save_checkpoint(os.path.join(sys.argv[1], owner, repo, name), model)
 EOF
 }
 
