@@ -240,8 +240,8 @@ timed() {
     rc=0
     "${cmd[@]}" >"$RUN/$suite/$profile-$name.log" 2>&1 || rc=$?
     children_cpu
-    step_time="$((SECONDS - started)) s (cpu $((cpu_used - cpu_before)) s)"
-    log "$suite/$profile: $name: exit $rc in $step_time"
+    step_time="$((SECONDS - started)) s, cpu $((cpu_used - cpu_before)) s"
+    log "$suite/$profile: $name: exit $rc, $step_time"
 }
 
 # Entries of the fused kernels' cache (one per CPU and numba version) in the clone.
@@ -283,13 +283,16 @@ serve() {
 # One (suite, Pi): the two README commands and the server; a summary line in $RUN/SUITE/summary.
 run_pair() {
     local suite=$1 profile=$2 dir=$RUN/$1 verdict=PASS line rc step_time status ready
-    local setup_time infer_time smoke checked entries top5 numba fetched
+    local setup_time infer_time smoke checked entries top5 numba fetched identity
+    # What the guest sees: an aarch64 machine, the Pi's board (through QEMU_LD_PREFIX).
     timed "$suite" "$profile" identity 120 'echo "$(uname -m), $(tr -d "\0" </proc/device-tree/model)"'
-    log "$suite/$profile: $(cat "$dir/$profile-identity.log")"
+    identity=$(cat "$dir/$profile-identity.log")
+    line="$identity, $(pi_cpu "$profile"); "
+    [[ $identity == "aarch64, $(pi_model "$profile")" ]] || verdict=FAIL
     entries=$(kernel_entries "$suite")
     timed "$suite" "$profile" set-up "$SETUP_LIMIT" 'bash scripts/setup_rpi.sh'
     setup_time=$step_time
-    line="set-up exit $rc ($setup_time)"
+    line+="set-up exit $rc ($setup_time)"
     ((rc == 0)) || verdict=FAIL
     smoke=$(grep -m1 '^ok: torch' "$dir/$profile-set-up.log" || true)
     if [[ -n $smoke ]]; then line+=", smoke test ok"; else line+=", NO smoke test line"; verdict=FAIL; fi
