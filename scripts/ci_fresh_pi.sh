@@ -224,9 +224,9 @@ guest_command() {
 # $cpu_used: CPU seconds (user + system) used so far by this shell's waited-for children.
 # (times must run in this shell, not in a command substitution's.)
 children_cpu() {
-    times >"$RUN/.times.$BASHPID"
-    cpu_used=$(awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] }; printf "%.0f", t }' \
-        "$RUN/.times.$BASHPID")
+    local file=$RUN/.times.$BASHPID  # named here: in $(...) BASHPID is another process's
+    times >"$file"
+    cpu_used=$(awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] }; printf "%.0f", t }' "$file")
 }
 
 # timed SUITE PROFILE NAME LIMIT COMMAND: a guest step with its time logged; its status in $rc,
