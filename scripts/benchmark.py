@@ -6,13 +6,15 @@
 
 Timed in this process, after warm-up, interleaved: every repetition runs each variant once
 (round-robin, grouped by thread count), so load from other processes hits all variants alike:
-  vim fp32    the default fast path with the pure-PyTorch scan kernel
-              (SELECTIVE_SCAN_CPU_BACKEND=torch): the issue's targets are about this one
+  vim fp32    the default fast path with the pure-PyTorch kernels (model.set_backend("torch")):
+              the issue's targets are about this one
   vim int8    the same with dynamic-int8 Linear layers (vim/quantization.py)
-  vim numba   SELECTIVE_SCAN_CPU_BACKEND=numba: each v2 mixer runs the fused numba kernels
+  vim numba   set_backend("numba"): each v2 mixer runs the fused numba kernels
               (mamba_ssm/ops/bimamba_v2_numba.py; only when numba is installed)
-  vim ref     the sequential reference kernels (mamba_ssm.use_backend("ref")); slow, so it runs
-              only every few repetitions
+  vim ref     the sequential reference kernels (set_backend("ref")); slow, so it runs only every
+              few repetitions
+The Vim variants share one randomly initialised model (one int8 copy), told each variant's
+backend before its forward is timed (and its inference weights built then, untimed).
   deit fp32   DeiT-Tiny built from torch.nn only (16 px patches, 12 pre-norm
               nn.TransformerEncoderLayer(192, 3, 768, gelu), cls token, position embedding,
               LayerNorm, head): 1.25 G multiply-adds against Vim-Tiny's 1.41 G
@@ -28,7 +30,8 @@ Also measured, in fresh processes so that nothing of this one is counted:
     (--cold-repeats each, medians), with the numba kernels' cache warmed beforehand as set-up does;
   - cold start: in a fresh process per kernel (all cores), the first forward against the median
     of the next ones, after what a CLI does at model load: mamba_simple.build_inference_constants
-    and, for numba, bimamba_v2_numba.warm_up() (kernel load); their time is reported apart;
+    and, for numba, bimamba_v2_numba.warm_up(); their time is reported apart (the numba kernels
+    themselves load when the model resolves its kernels, at build, before that);
   - minor page faults per forward with glibc's default malloc, then after runtime.tune_malloc()
     (this process runs with tune_malloc applied).
 Ops dispatched per forward are counted with a TorchDispatchMode: every aten op that reaches
@@ -58,7 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mamba_ssm
 import vim_rpi
-from causal_conv1d.backends import CPU_BACKEND_ENV
+from mamba_ssm.env import CPU_BACKEND_ENV
 from mamba_ssm.modules.mamba_simple import build_inference_constants
 from vim_rpi import checkpoint_io, quantization, runtime
 
@@ -164,8 +167,8 @@ def build_models(args):
 
 
 def plan(args):
-    """The timed variants: dicts with name, model, backend ("torch" or "numba" scan kernel on the
-    fast path, or "ref"), threads, batch, runs."""
+    """The timed variants: dicts with name, model, backend ("torch" or "numba" on the fast path, or
+    "ref"), threads, batch, runs."""
     vims = [("vim fp32", "vim", "torch"), ("vim int8", "vim int8", "torch")]
     vims += [("vim numba", "vim", "numba")] if HAS_NUMBA else []
     variants = []
@@ -179,8 +182,16 @@ def plan(args):
     return variants
 
 
-def _forward(model, x, backend):
-    with torch.inference_mode(), mamba_ssm.use_backend(backend):
+def _tell(model, backend):
+    """Tell a Vim model `backend` (untimed: its kernels resolved, its inference weights built),
+    unless it runs that one already; DeiT has no kernel backends."""
+    if hasattr(model, "set_backend") and mamba_ssm.kernel_report(model)["backend"] != backend:
+        build_inference_constants(model.set_backend(backend))
+    return model
+
+
+def _forward(model, x):
+    with torch.inference_mode():
         return model(x)
 
 
@@ -200,8 +211,9 @@ def time_variants(variants, models, inputs, args):
             if not due:
                 continue
             runtime.set_threads(v["threads"])
+            model = _tell(models[v["model"]], v["backend"])
             start = time.perf_counter()
-            _forward(models[v["model"]], inputs[v["batch"]], v["backend"])
+            _forward(model, inputs[v["batch"]])
             if r >= 0:
                 times[i].append((time.perf_counter() - start) * 1e3)
     return times
@@ -250,10 +262,10 @@ class _OpCounter(TorchDispatchMode):
 
 def count_ops(model, x, backend):
     """{"total": ops dispatched by one forward, "top": the 5 most frequent ops}."""
-    _forward(model, x, backend)  # builds cached constants, which a steady-state forward reuses
+    _forward(_tell(model, backend), x)  # a steady-state forward follows
     counter = _OpCounter()
     with counter:
-        _forward(model, x, backend)
+        _forward(model, x)
     return {"total": sum(counter.ops.values()), "top": dict(counter.ops.most_common(5))}
 
 
@@ -268,7 +280,7 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def environment(malloc_tuned):
+def environment(malloc_tuned, args):
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -276,7 +288,8 @@ def environment(malloc_tuned):
         "machine": platform.machine(),
         "cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "backend": mamba_ssm.backend_report(torch.empty(0)),
+        # the kernels a model of the timed kind runs on the default backend ("auto")
+        "backend": mamba_ssm.kernel_report(vim_rpi.create_model(args.model, **model_kwargs(args))),
         "numba": importlib.metadata.version("numba") if HAS_NUMBA else None,
         "malloc_tuned": malloc_tuned,
         "load_average": list(os.getloadavg()),
@@ -382,10 +395,10 @@ def _faults_per_forward(model, x, runs):
     import resource
 
     for _ in range(2):  # warm-up: first calls allocate caches and fault in code
-        _forward(model, x, "torch")
+        _forward(model, x)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(runs):
-        _forward(model, x, "torch")
+        _forward(model, x)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / runs
 
 
@@ -394,7 +407,7 @@ def fault_probe(args):
     with glibc's default malloc, then again after runtime.tune_malloc()."""
     runtime.set_threads(1)
     torch.manual_seed(0)
-    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval()
+    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval().set_backend("torch")
     x = torch.randn(1, 3, image_size(args), image_size(args))
     runs = 1 if args.quick else 5
     default = _faults_per_forward(model, x, runs)
@@ -409,7 +422,7 @@ def cold_probe(args):
     runtime.tune_malloc()
     runtime.set_threads(max(args.threads))
     torch.manual_seed(0)
-    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval()
+    model = vim_rpi.create_model(args.model, **model_kwargs(args)).eval().set_backend(args.cold_probe)
     x = torch.randn(1, 3, image_size(args), image_size(args))
     start = time.perf_counter()
     build_inference_constants(model)
@@ -421,7 +434,7 @@ def cold_probe(args):
     times = []
     for _ in range(1 if args.quick else 6):
         start = time.perf_counter()
-        _forward(model, x, args.cold_probe)
+        _forward(model, x)
         times.append((time.perf_counter() - start) * 1e3)
     warm = statistics.median(times[1:]) if len(times) > 1 else times[0]
     print(json.dumps({"load_ms": load_ms, "first_ms": times[0], "warm_ms": warm,
@@ -441,7 +454,7 @@ def run(args):
         report["infer_rpi_wall"] = wall_ms
         report["cold_start"] = cold
     malloc_tuned = runtime.tune_malloc()
-    report["environment"] = environment(malloc_tuned)
+    report["environment"] = environment(malloc_tuned, args)
     models = build_models(args)
     size = image_size(args)
     generator = torch.Generator().manual_seed(0)

@@ -1,10 +1,12 @@
-"""Backend choice of causal_conv1d and mamba_ssm (`causal_conv1d.backends`): environment
-variables read per call, use_backend, routing to upstream's compiled modules, explicit choices
+"""Backend choice of causal_conv1d and mamba_ssm (`causal_conv1d.backends`, `mamba_ssm.ops.backends`):
+the function-level API's environment variables read per call and use_backend; a model's kernels
+resolved once (variables read then); routing to upstream's compiled modules, explicit choices
 that cannot run, import safety, install.
 
-There is no GPU here: a "CUDA tensor" is a CPU tensor whose `is_cuda` says True (the backend
-module decides on `x.is_cuda`), and the compiled modules `causal_conv1d_cuda` / `selective_scan_cuda`
-are test doubles placed in sys.modules that record their calls and return correct results.
+There is no GPU here: a "CUDA tensor" is a CPU tensor whose `is_cuda` says True (the function-level
+API decides on `x.is_cuda`), a "CUDA model" a module whose kernels were resolved for the device
+type "cuda", and the compiled modules `causal_conv1d_cuda` / `selective_scan_cuda` are test
+doubles placed in sys.modules that record their calls and return correct results.
 """
 
 import importlib.util
@@ -26,6 +28,8 @@ import causal_conv1d
 import mamba_ssm
 from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from causal_conv1d import backends
+from mamba_ssm import Mamba, env
+from mamba_ssm.ops import backends as scan_backends
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 from test_causal_conv1d import conv_oracle, make_inputs, rel_err
 from test_mamba_module import hidden_states, make_mixer, mixer_oracle, params64
@@ -112,7 +116,7 @@ def clean(monkeypatch):
     """No variable set, no extension module, the torch CPU scan, and the one-time warnings re-armed."""
     monkeypatch.delenv(CONV_ENV, raising=False)
     monkeypatch.delenv(SCAN_ENV, raising=False)
-    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "torch")
+    monkeypatch.setenv(env.CPU_BACKEND_ENV, "torch")
     for name in (CONV_EXT, SCAN_EXT):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(backends, "_warned", set())
@@ -210,16 +214,46 @@ def test_extension_backward_and_update_are_routed(doubles):
     assert doubles[-1] == "conv_update"
 
 
+@pytest.fixture
+def cuda_modules(monkeypatch):
+    """Mamba modules resolve their kernels as if their parameters lived on a GPU."""
+    real = Mamba._kernel_request
+    monkeypatch.setattr(Mamba, "_kernel_request", lambda self: {**real(self), "device": "cuda"})
+
+
 @pytest.mark.parametrize("bimamba_type", ["v2", "v1", "none"])
-def test_mamba_module_routes_cuda_tensors_to_extensions(doubles, bimamba_type):
+def test_mamba_module_routes_cuda_tensors_to_extensions(doubles, cuda_modules, bimamba_type):
     m = make_mixer(bimamba_type, dtype=torch.float64, if_divide_out=True).eval()
     h = hidden_states(dtype=torch.float64)
+    assert mamba_ssm.kernel_report(m)["selective_scan"] == "cuda"
     with torch.no_grad():
         out = m(fake_cuda(h))
     directions = 2 if bimamba_type == "v2" else 1
     scans = 1 if bimamba_type == "none" else 2
     assert doubles.count("conv_fwd") == directions and doubles.count("scan_fwd") == scans
     assert rel_err(plain(out), mixer_oracle(params64(m), h, bimamba_type, True)) <= 1e-10
+
+
+def test_a_model_reads_the_variables_when_it_resolves_not_per_forward(doubles, cuda_modules, clean):
+    """The function-level API reads the FORCE_FALLBACK variables per call; a model when its kernels
+    are resolved (built, moved, loaded, told a backend, or refresh_kernels)."""
+    clean.setenv(CONV_ENV, "TRUE")
+    clean.setenv(SCAN_ENV, "TRUE")
+    m = make_mixer("none", dtype=torch.float64).eval()  # resolved with the fallback forced
+    h = fake_cuda(hidden_states(dtype=torch.float64))
+    clean.delenv(CONV_ENV)
+    clean.delenv(SCAN_ENV)
+    with torch.no_grad():
+        m(h)
+    assert doubles == []  # still the torch kernels it holds
+    m.refresh_kernels()
+    with torch.no_grad():
+        m(h)
+    assert doubles == ["conv_fwd", "scan_fwd"]
+    clean.setenv(SCAN_ENV, "1")
+    m.double()  # moved or cast: resolved again
+    report = mamba_ssm.kernel_report(m)
+    assert (report["causal_conv1d"], report["selective_scan"]) == ("cuda", "torch")
 
 
 def test_cuda_tensor_without_extension_warns_once(clean):
@@ -300,6 +334,8 @@ def test_backend_report(doubles, clean):
     assert mamba_ssm.backend_report(fake_cuda(x)) == {
         "backend": "auto", "causal_conv1d": "cuda", "selective_scan": "cuda", "cpu_scan_setting": "torch",
         "causal_conv1d_cuda_importable": True, "selective_scan_cuda_importable": True}
+    assert causal_conv1d.backend_report(fake_cuda(x)) == {  # the lower package knows its own family only
+        "backend": "auto", "causal_conv1d": "cuda", "causal_conv1d_cuda_importable": True}
     clean.setenv(SCAN_ENV, "1")
     report = mamba_ssm.backend_report(x)
     assert report["selective_scan"] == "torch" and report["causal_conv1d"] == "torch"
@@ -307,7 +343,6 @@ def test_backend_report(doubles, clean):
         assert mamba_ssm.backend_report(x)["selective_scan"] == "ref"
     with mamba_ssm.use_backend("cuda"):  # a choice that cannot run is reported, not raised
         assert mamba_ssm.backend_report(x)["selective_scan"].startswith("error: backend 'cuda' needs CUDA tensors")
-    assert causal_conv1d.backend_report is mamba_ssm.backend_report
 
 
 def test_one_choice_for_both_packages(clean):
@@ -328,8 +363,8 @@ def test_query_matches_what_runs(clean, monkeypatch):
     from mamba_ssm.ops import selective_scan_interface as ssi
     from causal_conv1d import causal_conv1d_interface as cci
     for name in ("torch", "ref"):
-        monkeypatch.setitem(ssi._SCAN_IMPLS, name, lambda *a, name=name: ran.append(("scan", name)))
-        monkeypatch.setitem(cci._FN_IMPLS, name, lambda *a, name=name, **k: ran.append(("conv", name)))
+        monkeypatch.setitem(ssi.SCAN_IMPLS, name, lambda *a, name=name: ran.append(("scan", name)))
+        monkeypatch.setitem(cci.CONV_IMPLS, name, lambda *a, name=name, **k: ran.append(("conv", name)))
     x = torch.randn(2, 4, 6)
     for choice in ("auto", "torch", "ref"):
         with mamba_ssm.use_backend(choice):
@@ -340,23 +375,25 @@ def test_query_matches_what_runs(clean, monkeypatch):
 
 def test_explicit_numba_that_cannot_run_raises(clean, monkeypatch):
     x = torch.randn(2, 64, 6)
-    monkeypatch.setattr(backends, "numba_installed", lambda: True)
+    monkeypatch.setattr(scan_backends, "numba_installed", lambda: True)
     with mamba_ssm.use_backend("numba"):
         with pytest.raises(RuntimeError, match="inference only"):
-            backends.resolve("selective_scan", x, needs_grad=True)
+            scan_backends.resolve_scan("cpu", needs_grad=True)
         with pytest.raises(RuntimeError, match="cannot run this call: 5 channels"):
-            backends.resolve("selective_scan", x, numba_unsupported="5 channels")
+            scan_backends.resolve_scan("cpu", numba_unsupported="5 channels")
         with pytest.raises(RuntimeError, match="CPU"):
-            backends.resolve("selective_scan", fake_cuda(x))
+            mamba_ssm.which_backend(fake_cuda(x))
         assert causal_conv1d.which_backend(x) == "torch"  # no numba conv kernel: the torch one is part of the path
-        monkeypatch.setattr(backends, "_numba_errors", {"mixer": "numba failed to import: OSError: boom"})
+        monkeypatch.setattr(scan_backends, "_numba_errors", {"fused": "numba failed to import: OSError: boom"})
         with pytest.raises(RuntimeError, match="boom"):
             mamba_ssm.which_backend(x)
-    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")  # named by the variable: must run, too
-    with pytest.raises(RuntimeError, match=f"{backends.CPU_BACKEND_ENV}=numba: numba failed to import"):
+    with pytest.raises(RuntimeError, match="boom"):  # a model told numba: raised by set_backend
+        make_mixer("v2").set_backend("numba")
+    monkeypatch.setenv(env.CPU_BACKEND_ENV, "numba")  # named by the variable: must run, too
+    with pytest.raises(RuntimeError, match=f"{env.CPU_BACKEND_ENV}=numba: numba failed to import"):
         mamba_ssm.which_backend(x)
-    assert backends.resolve("selective_scan", x, needs_grad=True) == "torch"  # the variable picks inference kernels
-    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "auto")  # auto: the torch kernels, with one warning naming the cause
+    assert scan_backends.resolve_scan("cpu", needs_grad=True) == "torch"  # the variable picks inference kernels
+    monkeypatch.setenv(env.CPU_BACKEND_ENV, "auto")  # auto: the torch kernels, with one warning naming the cause
     with pytest.warns(RuntimeWarning, match="boom") as record:
         assert mamba_ssm.which_backend(x) == "torch"
         assert mamba_ssm.which_backend(x) == "torch"
@@ -365,9 +402,11 @@ def test_explicit_numba_that_cannot_run_raises(clean, monkeypatch):
 
 @pytest.mark.parametrize("value", ["jit", "fast", "NUMBA!"])
 def test_cpu_backend_variable_is_checked(clean, value):
-    clean.setenv(backends.CPU_BACKEND_ENV, value)
-    with pytest.raises(ValueError, match=f"{backends.CPU_BACKEND_ENV} must be one of auto, torch, numba"):
+    clean.setenv(env.CPU_BACKEND_ENV, value)
+    with pytest.raises(ValueError, match=f"{env.CPU_BACKEND_ENV} must be one of auto, torch, numba"):
         mamba_ssm.which_backend(torch.randn(1, 32, 2))
+    with pytest.raises(ValueError, match=f"{env.CPU_BACKEND_ENV} must be one of"):  # a model's resolution
+        make_mixer("v2")
 
 
 _IMPORT_SCRIPT = """

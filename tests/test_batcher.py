@@ -1,5 +1,6 @@
 """vim_rpi.batcher.Batcher in-process: requests that wait together run as one forward, the queue is
-bounded, bad images fail alone, close() finishes queued work, and load failures are reported."""
+bounded, bad images fail alone, a slow decode holds up no one, every request's bytes are released
+once, close() finishes queued work within its grace period, and load failures are reported."""
 
 import io
 import threading
@@ -145,6 +146,80 @@ def test_load_errors_are_reported_and_requests_refused():
         batcher.submit(b"", 5)
 
 
-def test_sizes_must_be_positive():
-    with pytest.raises(ValueError):
-        Batcher(lambda: None, queue_size=0)
+@pytest.mark.parametrize("size", ["queue_size", "max_batch", "decoders"])
+def test_sizes_must_be_positive(size):
+    with pytest.raises(ValueError, match="must be >= 1"):
+        Batcher(lambda: None, **{size: 0})
+
+
+class SlowDecodeClassifier:
+    """Wraps a Classifier: decoding the bytes in `slow` waits for `gate` (a large image's decode)."""
+
+    def __init__(self, clf, slow):
+        self.clf, self.slow, self.gate, self.decoding = clf, slow, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.clf, name)
+
+    def preprocess(self, data):
+        if data == self.slow:
+            self.decoding.set()
+            assert self.gate.wait(TIMEOUT)
+        return self.clf.preprocess(data)
+
+
+def test_a_slow_decode_does_not_hold_up_the_images_behind_it(clf):
+    big, small = _png(10), _png(11)
+    slow = SlowDecodeClassifier(clf, big)
+    batcher = _ready(Batcher(lambda: slow, queue_size=4, decoders=2))
+    stuck = batcher.submit(big, 5)
+    assert slow.decoding.wait(TIMEOUT)
+    assert batcher.submit(small, 5).result(TIMEOUT).topk  # answered while the big one still decodes
+    assert not stuck.done()
+    slow.gate.set()
+    assert stuck.result(TIMEOUT).topk
+    batcher.close()
+
+
+def test_each_submit_releases_its_bytes_once_on_every_path(clf):
+    """Success, a bad image, a cancelled request, and requests dropped at shutdown (queued and
+    being decoded): on_release runs once for each, and the queue count returns to 0."""
+    big = _png(20)
+    slow = SlowDecodeClassifier(clf, big)
+    batcher = _ready(Batcher(lambda: slow, queue_size=8, decoders=1))
+    released = []
+    done = batcher.submit(_png(0), 5, on_release=lambda: released.append("good"))
+    bad = batcher.submit(b"not an image", 5, on_release=lambda: released.append("bad"))
+    assert done.result(TIMEOUT).topk
+    with pytest.raises(ImageError):
+        bad.result(TIMEOUT)
+    decoding = batcher.submit(big, 5, on_release=lambda: released.append("decoding"))
+    assert slow.decoding.wait(TIMEOUT)
+    queued = batcher.submit(_png(1), 5, on_release=lambda: released.append("queued"))
+    cancelled = batcher.submit(_png(2), 5, on_release=lambda: released.append("cancelled"))
+    assert cancelled.cancel()
+    batcher.close(grace_s=0.2)  # the big decode still runs: everything left fails
+    for future in (decoding, queued):
+        with pytest.raises(ShuttingDown):
+            future.result(0)
+    assert sorted(released) == ["bad", "cancelled", "good", "queued"] and batcher.waiting == 0
+    slow.gate.set()
+    _until(lambda: len(released) == 5)
+    assert sorted(released) == ["bad", "cancelled", "decoding", "good", "queued"]
+
+
+def test_close_fails_a_forward_that_outlasts_the_grace_period(clf):
+    gated = GatedClassifier(clf)
+    batcher = _ready(Batcher(lambda: gated, queue_size=4, max_batch=1))
+    running = batcher.submit(_png(0), 5)
+    assert gated.started.wait(TIMEOUT)
+    waiting = batcher.submit(_png(1), 5)
+    start = time.monotonic()
+    batcher.close(grace_s=0.2)
+    assert time.monotonic() - start < TIMEOUT
+    for future in (running, waiting):
+        with pytest.raises(ShuttingDown, match="shut down before"):
+            future.result(0)
+    gated.gate.set()  # the forward ends later: its result goes nowhere, the worker stops
+    _until(lambda: not batcher._threads[0].is_alive())
+    assert running.exception(0) is not None

@@ -3,10 +3,11 @@
 Oracles: `test_mamba_module.mixer_oracle` (one mixer, from its parameters) and
 `vim_reference.vim_forward` (a whole Vim). float32 results must be within 1e-4 (max abs error
 over max abs value) of them. Every call here is checked to have run the fused kernels (not the
-torch path they fall back to). Skipped without numba (the main suite runs without it); the
+torch path). Skipped without numba (the main suite runs without it); the
 broken-numba checks run in fresh processes with a stand-in numba package.
 """
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -18,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from causal_conv1d import backends
-from mamba_ssm import Mamba, use_backend
+import mamba_ssm
+from mamba_ssm import Mamba, env
 from mamba_ssm.ops import bimamba_v2_numba as fused
 from test_causal_conv1d import rel_err
 from test_mamba_module import mixer_oracle, params64
@@ -31,12 +32,12 @@ TOL = 1e-4
 
 @pytest.fixture(autouse=True)
 def numba_backend(monkeypatch):
-    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
+    monkeypatch.setenv(env.CPU_BACKEND_ENV, "numba")
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts calls of the fused entry point (the mixer falls back silently when it declines)."""
+    """Counts calls of the fused entry point (auto runs the torch kernels where it cannot run)."""
     calls = []
     real = fused.bimamba_v2_numba
     monkeypatch.setattr(fused, "bimamba_v2_numba", lambda *a: calls.append(a) or real(*a))
@@ -162,7 +163,7 @@ def test_whole_vim_matches_float64_reference(fused_calls):
     assert rel_err(got, want) <= TOL
 
 
-def test_quantized_projections_match_the_torch_path(fused_calls, monkeypatch):
+def test_quantized_projections_match_the_torch_path(fused_calls):
     """Dynamic-int8 Linear layers: x_proj stays a (quantized) torch matmul; dt_proj's weights are
     dequantized into the scan, whose input is not quantized then. The torch path computes the
     same with float dt_proj layers holding those weights."""
@@ -179,8 +180,7 @@ def test_quantized_projections_match_the_torch_path(fused_calls, monkeypatch):
             dense.weight.copy_(weight)
             dense.bias.copy_(bias)
         setattr(m, name, dense)
-    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "torch")
-    assert rel_err(got, forward(m, h)) <= TOL
+    assert rel_err(got, forward(m.set_backend("torch"), h)) <= TOL
 
 
 def test_declined_calls_take_the_torch_path(fused_calls):
@@ -193,9 +193,24 @@ def test_declined_calls_take_the_torch_path(fused_calls):
     m64 = mixer(8, if_divide_out=True).double()
     assert rel_err(forward(m64, h.detach().double()), want) <= 1e-10  # float64: torch path
     assert not fused_calls
-    assert fused.supports(h.detach(), torch.zeros(2, 4, 16))
-    assert not fused.supports(h.detach(), torch.zeros(2, 16, 4).transpose(1, 2))  # not in the kernel's layout
-    assert not fused.supports(h.detach().double())
+    assert mamba_ssm.kernel_report(m64)["mixer"] == "torch" and mamba_ssm.kernel_report(m)["mixer"] == "numba"
+
+
+def test_entry_points_refuse_activations_they_cannot_read():
+    """Called directly, the kernels check the activations (they read raw float32 memory)."""
+    m = mixer(8, if_divide_out=True)
+    with torch.no_grad():
+        m(hidden(1, 3, 8))  # builds the held weights
+    w = m._constants.stacked
+    args = (w.conv_weight, w.conv_bias, w.x_proj, w.dt_weight, w.dt_bias, w.A, w.D, True)
+    xz = torch.randn(1, 3, 2 * m.d_inner)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="float32 CPU tensors, got xz torch.float64"):
+            fused.bimamba_v2_numba(xz.double(), *args)
+        with pytest.raises(ValueError, match="got residual torch.float16"):
+            fused.add_rms_norm(xz, xz.half(), torch.ones(xz.shape[-1]), 1e-5)
+    with pytest.raises(ValueError, match="inference only"):
+        fused.bimamba_v2_numba(xz.requires_grad_(), *args)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 8), (2, 37, 48), (1, 197, 192)])
@@ -231,9 +246,9 @@ def test_block_runs_the_fused_norm_in_eval_mode(monkeypatch):
     h, r = hidden(2, 11, 16), hidden(2, 11, 16, seed=2)
     with torch.inference_mode():
         got, got_residual = block(h, r)
-        with use_backend("torch"):  # the formula, and the torch mixer
+        with mamba_ssm.use_backend("torch"):  # the formula (a function call)
             want_norm, want_residual = rms_norm_fn(h, block.norm.weight, None, residual=r, eps=1e-5, prenorm=True)
-            want = block.mixer(want_norm)
+        want = copy.deepcopy(block.mixer).set_backend("torch")(want_norm)  # the torch mixer
     assert len(calls) == 1
     assert rel_err(got_residual, want_residual) <= 1e-7 and rel_err(got, want) <= TOL
     block.train()
@@ -244,12 +259,12 @@ def test_block_runs_the_fused_norm_in_eval_mode(monkeypatch):
 # ---- start-up and failures, in fresh processes ---------------------------------------------------
 
 def _python(code, tmp_path, extra_path=None):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["NUMBA_CACHE_DIR"] = str(tmp_path / "cache")
-    env[backends.CPU_BACKEND_ENV] = "numba"
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    environ["NUMBA_CACHE_DIR"] = str(tmp_path / "cache")
+    environ[env.CPU_BACKEND_ENV] = "numba"
     if extra_path:
-        env["PYTHONPATH"] = str(extra_path)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+        environ["PYTHONPATH"] = str(extra_path)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environ, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -314,28 +329,38 @@ def test_broken_numba_is_reported_once_in_one_line(tmp_path, failure, cause):
 @pytest.mark.parametrize("failure,cause", [("import", "ImportError: stand-in numba: broken install"),
                                            ("compile", "RuntimeError: stand-in numba: cannot compile conv")])
 def test_broken_numba_runs_the_torch_path_with_one_warning(tmp_path, failure, cause):
-    """Under the default backend a model forward with a broken numba gives the torch path's result
-    and one RuntimeWarning naming the cause, however many calls follow."""
+    """Under the default backend a model built with a broken numba resolves the torch kernels, with
+    one RuntimeWarning naming the cause however many models and calls follow."""
     for name, text in STAND_INS[failure].items():
         path = tmp_path / "stand-in" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
     code = """
-        import os, warnings
+        import copy, os, warnings
         import torch
-        from mamba_ssm import Mamba, use_backend
+        from mamba_ssm import Mamba
         os.environ["SELECTIVE_SCAN_CPU_BACKEND"] = "auto"
         torch.manual_seed(0)
-        m = Mamba(16, d_state=4, bimamba_type="v2", if_divide_out=True).eval()
         x = torch.randn(1, 9, 16)
         with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
             warnings.simplefilter("always")
+            m = Mamba(16, d_state=4, bimamba_type="v2", if_divide_out=True).eval()
+            copy.deepcopy(m).eval()
             got = [m(x), m(x)]
-            with use_backend("torch"):
-                want = m(x)
+            want = copy.deepcopy(m).set_backend("torch")(x)
         print(len(caught), caught[0].message if caught else None)
         print(all(torch.equal(g, want) for g in got))
     """
     lines = _python(code, tmp_path, tmp_path / "stand-in").splitlines()
     assert lines[0].startswith("1 numba kernels unavailable") and cause in lines[0]
     assert lines[1] == "True"
+
+
+def test_a_model_told_numba_refuses_autograd_and_runs_inference(fused_calls):
+    m = mixer(16, if_divide_out=True).set_backend("numba")
+    h = hidden(1, 5, 16)
+    with pytest.raises(RuntimeError, match="inference only"):
+        m(h)  # autograd on: the numba kernels cannot record it, and nothing falls back
+    got = forward(m, h)
+    assert len(fused_calls) == 1 and rel_err(got, mixer_oracle(params64(m), h, "v2", True)) <= TOL
+    assert mamba_ssm.kernel_report(m, "autograd")["mixer"] == "refused"

@@ -98,7 +98,7 @@ def test_local_path_is_returned_and_missing_path_named(tmp_path):
     assert fetch_checkpoint(ckpt) == ckpt
     with pytest.raises(DownloadError, match="not found: .*nope.pth"):
         fetch_checkpoint(tmp_path / "nope.pth")
-    with pytest.raises(DownloadError, match="not a file"):
+    with pytest.raises(DownloadError, match="a directory, not a regular file"):
         fetch_checkpoint(tmp_path)
 
 
@@ -198,9 +198,11 @@ def test_error_page_is_not_cached_and_files_are_readable(server, tmp_path):
     assert os.listdir(tmp_path) == []  # the next run downloads again instead of failing forever
     body = _checkpoint_bytes(10_000)
     server.files["/w.pth"] = body
-    old = os.umask(0o022)
+    old = os.umask(0o027)
     try:
-        path = fetch_checkpoint(server.base + "/w.pth", cache_dir=tmp_path, progress=False)
+        with pytest.MonkeyPatch.context() as patch:  # setting the umask would race with other threads' files
+            patch.setattr(os, "umask", lambda mask: pytest.fail("os.umask was called"))
+            path = fetch_checkpoint(server.base + "/w.pth", cache_dir=tmp_path, progress=False)
     finally:
         os.umask(old)
-    assert path.read_bytes() == body and (path.stat().st_mode & 0o777) == 0o644
+    assert path.read_bytes() == body and (path.stat().st_mode & 0o777) == 0o640

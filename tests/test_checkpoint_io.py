@@ -6,6 +6,8 @@ import importlib.util
 import io
 import os
 import subprocess
+import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from vim_rpi import checkpoint_io, factory
 import vim_rpi
 from vim_rpi import quantization
 from vim_rpi.checkpoint_io import CheckpointError
+from vim_rpi.errors import DamagedCheckpointError, DownloadError
+from vim_rpi.hub import fetch_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(depth=2, embed_dim=32, img_size=64, num_classes=10)
@@ -57,13 +61,17 @@ def test_round_trip_every_layout(tmp_path, layout):
     torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)
 
 
-def test_saved_file_permissions_follow_the_umask(tmp_path):
-    previous = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
+def test_saved_file_permissions_follow_the_umask_which_is_never_changed(tmp_path, monkeypatch, umask):
+    previous = os.umask(umask)
     try:
+        # Setting the umask, even for a moment, races with every other thread that creates a file.
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("os.umask was called"))
         checkpoint_io.save_checkpoint(tmp_path / "m.pth", _model())
     finally:
+        monkeypatch.undo()
         os.umask(previous)
-    assert (tmp_path / "m.pth").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m.pth").stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]  # no temporary file left
 
 
@@ -118,6 +126,112 @@ def test_pickled_code_is_refused_unless_trusted(tmp_path):
     assert not target.exists()
     factory.load_model(path, "vim_tiny", trust_pickle=True, **SMALL)  # explicit opt-in only
     assert target.read_text() == "pwned"
+
+
+class Marker:
+    """A class of this test module: a checkpoint holding one refers to it by name (a GLOBAL)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _MakesADirectory:
+    """Unpickling this calls os.mkdir, from a module torch's safe loader blocks outright (its
+    message for it differs from the one for an unknown class)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.target),))
+
+
+def _refused(path):
+    """The CheckpointError of a safe read of `path`, checked to be a refusal, not damage."""
+    with pytest.raises(CheckpointError) as refusal:
+        checkpoint_io.read_checkpoint(path)
+    assert not isinstance(refusal.value, DamagedCheckpointError), refusal.value
+    message = str(refusal.value)
+    assert "beyond tensors and plain data" in message and "--trust-checkpoint" in message and "\n" not in message
+    return message
+
+
+def test_refused_code_is_named_and_loads_only_when_trusted(tmp_path):
+    state = _model().state_dict()
+    target = tmp_path / "made_by_unpickling"
+    cases = {
+        "class": ({"model": state, "extra": Marker(7)}, {}, f"it refers to {Marker.__module__}.Marker"),
+        "blocked module": ({"model": state, "extra": _MakesADirectory(target)}, {},
+                           f"it refers to {os.mkdir.__module__}.mkdir"),
+        "protocol 4": ({"model": state, "extra": Marker(7)}, {"pickle_protocol": 4}, "pickle protocol 4 or later"),
+        "legacy format": ({"model": state, "extra": Marker(7)}, {"_use_new_zipfile_serialization": False},
+                          "the legacy format"),
+    }
+    for name, (obj, options, needle) in cases.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(obj, path, **options)
+        assert needle in _refused(path), name
+        assert not target.exists()  # nothing ran
+        loaded = checkpoint_io.read_checkpoint(path, trust_pickle=True)  # the explicit opt-in loads it
+        assert torch.equal(loaded["model"]["head.weight"], state["head.weight"])
+        if name == "blocked module":
+            assert target.is_dir()
+            target.rmdir()
+        else:
+            assert isinstance(loaded["extra"], Marker) and loaded["extra"].value == 7
+
+
+def test_a_damaged_pickle_is_damaged_even_when_trusted(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": _model().state_dict(), "extra": Marker(7)}, good)
+    with zipfile.ZipFile(good) as archive:
+        records = {info.filename: archive.read(info) for info in archive.infolist()}
+    record = next(name for name in records if name.endswith("/data.pkl"))
+    for damage in (lambda data: data[: len(data) // 2], lambda data: data[:40] + b"\xff" * 8 + data[48:]):
+        path = tmp_path / "damaged.pth"
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in records.items():
+                archive.writestr(name, damage(data) if name == record else data)
+        for trust in (False, True):
+            with pytest.raises(DamagedCheckpointError, match="not a readable PyTorch checkpoint"):
+                checkpoint_io.read_checkpoint(path, trust_pickle=trust)
+
+
+def _bounded(call, path, timeout=20):
+    """call(path) in a thread: its exception, or a failure if it blocks (opening a FIFO waits
+    for a writer, which this then provides so the thread ends)."""
+    outcome = []
+
+    def run():
+        try:
+            call(path)
+            outcome.append(None)
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # releases the blocked open
+        thread.join(timeout)
+        pytest.fail(f"{call.__name__}({path}) blocked")
+    return outcome[0]
+
+
+def test_checkpoint_paths_that_cannot_be_read_are_one_line_errors(tmp_path):
+    os.mkfifo(tmp_path / "pipe.pth")
+    (tmp_path / "dangling.pth").symlink_to("gone.pth")
+    cases = [(tmp_path / ("x" * 300 + ".pth"), "name too long for the file system"),
+             (tmp_path / "pipe.pth", "a FIFO (named pipe), not a regular file"),
+             (tmp_path / "dangling.pth", "a symbolic link to gone.pth, which does not exist"),
+             (tmp_path, "a directory, not a regular file"),
+             (tmp_path / "nope.pth", "checkpoint not found")]
+    for path, needle in cases:
+        for call in (fetch_checkpoint, checkpoint_io.read_checkpoint):
+            error = _bounded(call, path)
+            assert isinstance(error, (CheckpointError, DownloadError)) and needle in str(error), (call, error)
+            assert str(path) in str(error) and "\n" not in str(error)
 
 
 def test_wrong_model_names_the_fitting_one(tmp_path):

@@ -14,6 +14,7 @@ from PIL import Image
 
 import vim_rpi
 from causal_conv1d import backends
+from mamba_ssm.ops import backends as scan_backends
 from vim_rpi import Classifier, checkpoint_io, cli, image_preprocess
 from vim_rpi.errors import CheckpointError, ConfigError, ImageError, ImageTooLargeError
 from vim_rpi.image_budget import DEFAULT_MAX_IMAGE_MB
@@ -112,7 +113,7 @@ def test_options_that_cannot_work_fail_before_loading(checkpoint, kwargs, messag
 
 
 def test_unavailable_numba_backend_is_a_config_error(checkpoint, monkeypatch):
-    monkeypatch.setattr(backends, "numba_installed", lambda: False)
+    monkeypatch.setattr(scan_backends, "numba_installed", lambda: False)
     with pytest.raises(ConfigError, match="numba is not installed"):
         Classifier(checkpoint, backend="numba")
 

@@ -241,6 +241,58 @@ def test_unreachable_endpoint_names_file_endpoint_mirror_and_checkpoint(tmp_path
     assert "HF_ENDPOINT" in out and "--checkpoint PATH" in out and "\n" not in out
 
 
+# infer_rpi.py with huggingface_hub's waits between retries (1 + 2 + 4 + 8 + 8 s) skipped.
+_INFER_WITHOUT_WAITS = """
+import runpy, sys, time
+time.sleep = lambda seconds: None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    """A Hub endpoint that answers every request with 500, counting them."""
+
+    def _fail(self):
+        self.server.requests += 1
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET = _fail
+
+    def log_message(self, *args):
+        pass
+
+
+def test_each_hub_retry_is_at_most_one_line_and_none_with_q(tmp_path):
+    failing = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    failing.requests = 0
+    threading.Thread(target=failing.serve_forever, args=(0.05,), daemon=True).start()
+    endpoints = {"refused": f"http://127.0.0.1:{_closed_port()}",
+                 "HTTP 500": f"http://127.0.0.1:{failing.server_address[1]}"}
+    said = {}
+    try:
+        for name, endpoint in endpoints.items():
+            for quiet in (False, True):
+                done = subprocess.run([sys.executable, "-c", _INFER_WITHOUT_WAITS, str(INFER), str(SAMPLE), "-t", "1",
+                                       *(["-q"] if quiet else [])], env=_env(tmp_path, endpoint), capture_output=True,
+                                      text=True, timeout=120)
+                lines = done.stderr.splitlines()
+                assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+                assert lines[-1].startswith("error: ") and endpoint in lines[-1], (name, lines)
+                retries = lines[:-1]  # the image is given: nothing else is said before the fetch
+                if quiet:
+                    assert retries == [], (name, lines)
+                else:  # huggingface_hub retries 5 times; one line each, said once
+                    assert 1 <= len(retries) <= 5 and len(set(retries)) == len(retries), (name, lines)
+                    said[name] = len(retries)
+        assert failing.requests >= 2 * (said["HTTP 500"] + 1)  # two runs, each a first try and a line per retry
+    finally:
+        failing.shutdown()
+        failing.server_close()
+
+
 def test_missing_file_on_the_mirror(hub_server, tmp_path):
     code, out = _fetch(f"hf-hub:{REPO}/nope.pth", _env(tmp_path, hub_server.endpoint))
     assert code == 3

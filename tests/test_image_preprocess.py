@@ -8,6 +8,7 @@ offset arithmetic is checked against numbers worked out by hand.
 import io
 import json
 import math
+import os
 import pathlib
 import re
 import subprocess
@@ -333,7 +334,28 @@ def test_missing_file(tmp_path):
 
 
 def test_directory(tmp_path):
-    one_line_image_error(tmp_path, "is a directory")
+    one_line_image_error(tmp_path, "a directory, not a regular file")
+
+
+def test_path_problems_are_image_errors_for_a_library_caller(tmp_path):
+    """What Python 3.11's Path.exists()/is_dir() raise on (a name too long) or a FIFO (whose open
+    waits for a writer) is one ImageError too, at once."""
+    one_line_image_error(tmp_path / ("x" * 300 + ".jpg"), "name too long")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    one_line_image_error(fifo, "a FIFO")
+    link = tmp_path / "dangling.jpg"
+    link.symlink_to(tmp_path / "gone.jpg")
+    one_line_image_error(link, "symbolic link")
+
+
+def test_a_fifo_put_in_place_after_the_check_is_refused_without_blocking(tmp_path, monkeypatch):
+    from vim_rpi import image_preprocess, paths
+
+    path = tmp_path / "swapped.jpg"
+    os.mkfifo(path)
+    monkeypatch.setattr(paths, "file_problem", lambda p: None)  # the file was regular when checked
+    one_line_image_error(path, "a FIFO")
 
 
 @pytest.mark.parametrize("content", [b"hello, this is text\n", b""])
@@ -377,8 +399,8 @@ def test_permission_denied(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    # Patch the module's `open` rather than chmod, which does not stop root.
-    monkeypatch.setattr(image_preprocess, "open", denied, raising=False)
+    # Patch the module's opener rather than chmod, which does not stop root.
+    monkeypatch.setattr(image_preprocess, "_open_regular", denied)
     one_line_image_error(path, "permission denied")
 
 

@@ -133,7 +133,7 @@ def _check_schema(report, k, threads):
     assert report["torch"] == torch.__version__
     # The script forces the pure-PyTorch kernels for its own process.
     assert report["backend"]["selective_scan"] == ("numba" if importlib.util.find_spec("numba") else "torch")
-    assert report["backend"]["causal_conv1d"] == "torch"
+    assert report["backend"]["causal_conv1d"] == report["backend"]["selective_scan"]  # the fused kernel runs the conv
     assert 50 < report["peak_rss_mb"] < 2000
     labels = imagenet_labels.imagenet_labels()
     for result in report["results"]:
@@ -259,6 +259,32 @@ def test_checkpoint_errors_and_late_usage_error(files, main_in_process, tmp_path
         if expected_code == 3:
             assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert not (tmp_path / "cache").exists()  # the offline run left nothing behind
+
+
+class _MakesADirectory:
+    """Unpickling this calls os.mkdir (a module torch's safe loader blocks): code in a checkpoint."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.target),))
+
+
+def test_checkpoint_with_code_is_refused_then_loads_with_trust_checkpoint(files, main_in_process, tmp_path):
+    target = tmp_path / "made_by_unpickling"
+    ckpt = tmp_path / "with_code.pth"
+    obj = checkpoint_io.read_checkpoint(files["ckpt"])
+    torch.save({**obj, "payload": _MakesADirectory(target)}, ckpt)
+    image = files["images"] / "wide.jpg"
+    code, out, err = main_in_process([image, "-c", ckpt, "-q", "-t", "1"])
+    assert code == 3 and out == "" and not target.exists()
+    assert err.splitlines() == [err.strip()] and f"refers to {os.mkdir.__module__}.mkdir" in err
+    assert "--trust-checkpoint" in err and "not a readable" not in err
+    code, out, err = main_in_process([image, "-c", ckpt, "-q", "-t", "1", "--json", "--trust-checkpoint"])
+    assert code == 0, err
+    assert target.is_dir() and "topk" in json.loads(out)["results"][0]
+    assert "error" not in err
 
 
 @pytest.mark.parametrize("args, needle", [

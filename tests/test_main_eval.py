@@ -166,7 +166,9 @@ def _garbage(path):
 
 
 @pytest.mark.parametrize("case, code, message", [
-    ("missing data", 4, "data directory not found"),
+    ("missing data", 4, "data: no such file; --data-path takes a folder"),
+    ("data path too long", 4, "name too long"),
+    ("data path is a file", 4, "not a directory; --data-path takes a folder"),
     ("no class folders", 4, "no class folders"),
     ("empty class", 4, "no images in 1 class folder"),
     ("corrupt image", 4, "bad.png"),
@@ -184,6 +186,11 @@ def test_bad_inputs_give_one_clear_line(tmp_path, setup, capsys, case, code, mes
     if case == "no class folders":
         (data / "val").mkdir(parents=True)
         (data / "val" / "loose.jpg").write_bytes(b"")
+    elif case == "data path too long":
+        data.mkdir()
+        args[4] = str(data / ("x" * 300))
+    elif case == "data path is a file":
+        _garbage(data)
     elif case == "empty class":
         _make_tree(data, [1, 1, 1, 1], seed=3)
         (data / "empty").mkdir()

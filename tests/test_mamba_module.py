@@ -8,6 +8,7 @@ are max|got - want| / max|want|: at most 1e-10 for float64 modules and 1e-4 for 
 
 import copy
 import functools
+import pickle
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 import mamba_ssm
 import mamba_ssm.ops.selective_scan_fast as scan_fast_module
 from mamba_ssm import Mamba
-from mamba_ssm.modules.mamba_simple import Block
+from mamba_ssm.modules.mamba_simple import Block, build_inference_constants
 from mamba_ssm.ops.triton.layer_norm import RMSNorm
 from mamba_ssm.utils.generation import InferenceParams
 from test_causal_conv1d import rel_err
@@ -69,7 +70,7 @@ def hidden_states(b=2, l=7, dtype=torch.float32, seed=1):
 
 def run(m, h, mode):
     """Forward in one of the ways a mixer is used."""
-    if mode == "eval":  # inference: the stacked v2 path with cached constants
+    if mode == "eval":  # inference: the stacked v2 path with its held weights
         with torch.no_grad():
             return m.eval()(h)
     if mode == "train":  # fine-tuning: autograd through the fallback
@@ -77,9 +78,18 @@ def run(m, h, mode):
         out.sum().backward()
         return out.detach()
     if mode == "ref":
-        with mamba_ssm.use_backend("ref"), torch.no_grad():
-            return m.eval()(h)
+        return on_backend(m, "ref", h)
     raise AssertionError(mode)
+
+
+def on_backend(m, name, h):
+    """An eval-mode forward of m told backend `name`; m is told "auto" again afterwards."""
+    m.set_backend(name)
+    try:
+        with torch.no_grad():
+            return m.eval()(h)
+    finally:
+        m.set_backend("auto")
 
 
 @pytest.mark.parametrize("bimamba_type", ["v2", "v1", "none"])
@@ -142,7 +152,7 @@ def test_half_precision_module_and_strided_input(dtype, tol):
     assert not strided.is_contiguous() and torch.equal(eval_forward(m, strided), out)
 
 
-# ---- cached constants of the eval path ------------------------------------------------------
+# ---- inference weights held in eval mode -------------------------------------------------------
 
 def eval_forward(m, h):
     with torch.no_grad():
@@ -210,15 +220,66 @@ def test_inference_mode_then_no_grad_then_training():
     assert rel_err(run(m, h, "train"), want) <= 1e-4
 
 
-def test_module_made_under_inference_mode_sees_parameter_changes():
+def test_module_made_under_inference_mode_sees_loads_and_rebuilds():
     h = hidden_states()
-    with torch.inference_mode():  # inference-tensor parameters: no version counters to key a cache on
+    with torch.inference_mode():  # inference-tensor parameters
         m = make_mixer("v2", if_divide_out=True).eval()
         m(h)
-        m.load_state_dict({k: v + 0.1 for k, v in m.state_dict().items()})
+        m.load_state_dict({k: v + 0.1 for k, v in m.state_dict().items()})  # no eval() needed after a load
         assert rel_err(m(h), mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
         m.A_log.add_(1.0)
+        build_inference_constants(m)  # the documented way after an in-place change in eval mode
         assert rel_err(m(h), mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
+
+
+def test_inference_weights_are_built_once_not_per_forward(monkeypatch):
+    """The first inference forward after eval() builds the weights; later ones reuse them (no cache
+    keyed on tensor versions): an in-place change after that build is used once
+    build_inference_constants (or eval()) runs."""
+    import mamba_ssm.modules.mamba_simple as mamba_simple
+
+    built = []
+    real = mamba_simple.stack_directions
+    monkeypatch.setattr(mamba_simple, "stack_directions", lambda *a: built.append(1) or real(*a))
+    m = make_mixer("v2", if_divide_out=True).eval()
+    h = hidden_states()
+    with torch.no_grad():
+        m.A_b_log.add_(0.3)  # before the first forward: seen
+        before = m(h)
+        assert len(built) == 1 and rel_err(before, mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
+        m.D_b.add_(0.5)
+        assert torch.equal(m(h), before) and len(built) == 1  # the held weights, as documented
+    build_inference_constants(m)
+    with torch.no_grad():
+        got = m(h)
+    assert len(built) == 2 and rel_err(got, mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
+
+
+def test_optimizer_step_in_eval_mode_is_seen():
+    """An autograd forward drops the held inference weights: a step taken after it is seen."""
+    m = make_mixer("v2", if_divide_out=True).eval()
+    h = hidden_states()
+    eval_forward(m, h)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(h).square().sum().backward()  # eval mode, autograd on
+    opt.step()
+    with torch.no_grad():
+        assert rel_err(m(h), mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
+
+
+def test_moved_cast_and_pickled_modules_resolve_and_rebuild():
+    m = make_mixer("v2", if_divide_out=True).eval()
+    h = hidden_states()
+    eval_forward(m, h)
+    m.double()  # _apply: kernels for float64 and weights rebuilt, without eval()
+    with torch.no_grad():
+        got = m(h.double())
+    assert got.dtype == torch.float64 and rel_err(got, mixer_oracle(params64(m), h, "v2", True)) <= 1e-10
+    assert mamba_ssm.kernel_report(m)["mixer"] == "torch"  # the fused numba mixer is float32 only
+    clone = pickle.loads(pickle.dumps(m.float().set_backend("ref")))
+    assert mamba_ssm.kernel_report(clone)["mixer"] == "ref"  # the backend survives, the kernels are resolved again
+    with torch.no_grad():
+        assert rel_err(clone(h), mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
 
 
 @pytest.mark.parametrize("bimamba_type", ["v2", "none"])
@@ -257,8 +318,8 @@ def test_dynamic_int8_mixer(bimamba_type):
     got = eval_forward(q, h)
     assert got.shape == want.shape and torch.isfinite(got).all()
     assert 0 < rel_err(got, want) <= 0.1
-    with mamba_ssm.use_backend("ref"):  # dequantized projection weights, float activations
-        assert rel_err(eval_forward(q, h), want) <= 0.1
+    # the ref backend: dequantized projection weights, float activations
+    assert rel_err(on_backend(q, "ref", h), want) <= 0.1
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:torch.quantize_per_tensor:UserWarning")
@@ -426,14 +487,44 @@ def test_block_with_a_layer_norm_without_affine_parameters(fused_add_norm):
     assert rel_err(residual, h1.double() + h2.double()) <= 1e-7 and rel_err(out, want) <= 1e-4
 
 
-def test_build_inference_constants_fills_the_cache_the_forward_uses():
-    from mamba_ssm.modules.mamba_simple import build_inference_constants
+# ---- kernels held per module ------------------------------------------------------------------
 
-    block = nn.Sequential(make_mixer("v2", if_divide_out=True), make_mixer("none", seed=1)).eval()
-    build_inference_constants(block)
-    assert block[0]._constants is not None and block[1]._constants is None
-    built = block[0]._constants[1]
+def test_use_fast_path_false_runs_the_v2_mixer_composed(monkeypatch):
+    """use_fast_path=False: upstream's unfused path (two one-direction inner paths), with the
+    backward direction kept; True: the stacked kernel. Same result either way."""
+    import mamba_ssm.ops.bimamba_v2 as v2
+
+    calls = []
+    real = v2.inner_no_out_proj
+    monkeypatch.setattr(v2, "inner_no_out_proj", lambda *a, **k: calls.append(a[:2]) or real(*a, **k))
+    h = hidden_states(dtype=torch.float64)
+    for fast, expected in ((False, [("torch", "torch")] * 2), (True, [])):
+        m = make_mixer("v2", dtype=torch.float64, if_divide_out=True, use_fast_path=fast).eval()
+        m.set_backend("torch")
+        calls.clear()
+        with torch.no_grad():
+            got = m(h)
+        assert calls == expected and rel_err(got, mixer_oracle(params64(m), h, "v2", True)) <= 1e-10
+
+
+def test_use_backend_does_not_reach_a_model_silently():
+    m = make_mixer("v2").eval()
     h = hidden_states()
-    with torch.no_grad():  # (eval_forward's eval() would drop the cache)
-        assert rel_err(block[0](h), mixer_oracle(params64(block[0]), h, "v2", True)) <= 1e-4
-    assert block[0]._constants[1] is built  # reused, not rebuilt
+    with mamba_ssm.use_backend("ref"), pytest.raises(RuntimeError, match=r"call model.set_backend\('ref'\)"):
+        m(h)
+    m.set_backend("ref")
+    with mamba_ssm.use_backend("ref"), torch.no_grad():  # the same choice: runs
+        assert rel_err(m(h), mixer_oracle(params64(m), h, "v2")) <= 1e-4
+    with mamba_ssm.use_backend("auto"), torch.no_grad():  # no choice: the model's
+        m(h)
+
+
+def test_set_backend_that_cannot_run_changes_nothing():
+    block = nn.Sequential(make_mixer("v2"), make_mixer("none", seed=1)).eval()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        mamba_ssm.set_backend(block, "cuda")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        mamba_ssm.set_backend(block, "gpu")
+    assert mamba_ssm.kernel_report(block)["backend"] == "auto"
+    mamba_ssm.set_backend(block, "ref")
+    assert mamba_ssm.kernel_report(block)["backend"] == "ref" and all(m._backend == "ref" for m in block)

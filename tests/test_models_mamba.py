@@ -1,13 +1,17 @@
 """VisionMamba against an independent float64 forward; names, keys, registry, options."""
 
+import importlib.util
+import os
 import subprocess
 import sys
 import types
 import warnings
+from collections.abc import MutableMapping
 
 import pytest
 import torch
 
+import mamba_ssm
 import vim_rpi
 from vim_rpi import models_mamba
 from vim_reference import vim_forward
@@ -71,7 +75,7 @@ def test_eval_output_follows_new_weights():
     a, b = _small(0, depth=2, embed_dim=32, img_size=32), _small(1, depth=2, embed_dim=32, img_size=32)
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.inference_mode():
-        a(x)  # fills the eval-mode constant caches
+        a(x)  # runs on the weights eval() built
     a.load_state_dict(b.state_dict())
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))
@@ -189,3 +193,97 @@ def test_register_with_timm_uses_timms_registry(monkeypatch):
     assert sorted(registered) == vim_rpi.list_models()
     model = registered[TINY_NAME](pretrained=False, depth=1, embed_dim=16, img_size=32)
     assert model.model_name == TINY_NAME
+
+
+# ---- kernels chosen once per model --------------------------------------------------------------
+
+KERNEL_DECISIONS = ("causal_conv1d/backends.py", "mamba_ssm/ops/backends.py", "mamba_ssm/ops/kernel_sets.py",
+                    "mamba_ssm/env.py")
+
+
+class _CountingEnviron(MutableMapping):
+    """os.environ that counts every read (os.getenv and os.environ.get go through __getitem__)."""
+
+    def __init__(self, real):
+        self.real, self.reads = real, []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.real[key]
+
+    def __iter__(self):
+        self.reads.append("<iter>")
+        return iter(self.real)
+
+    def __len__(self):
+        return len(self.real)
+
+    def __setitem__(self, key, value):
+        self.real[key] = value
+
+    def __delitem__(self, key):
+        del self.real[key]
+
+
+def test_warm_vim_tiny_forward_reads_no_environment_and_decides_no_backend(monkeypatch):
+    """The default CPU path (backend auto: the fused numba kernels when numba is installed, else
+    torch): after the first forward, a forward reads no environment variable and runs nothing of
+    the modules that decide backends but `current_backend` (the use_backend conflict check)."""
+    torch.manual_seed(0)
+    model = vim_rpi.create_model("vim_tiny").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        model(x)
+    environ = _CountingEnviron(os.environ)
+    decisions = []
+
+    def profile(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and code.co_filename.replace(os.sep, "/").endswith(KERNEL_DECISIONS) \
+                and code.co_name != "current_backend":
+            decisions.append(code.co_name)
+
+    monkeypatch.setattr(os, "environ", environ)
+    sys.setprofile(profile)
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        sys.setprofile(None)
+    assert environ.reads == [] and decisions == []
+    report = mamba_ssm.kernel_report(model)
+    assert report["mixer"] == report["rms_norm"] == ("numba" if importlib.util.find_spec("numba") else "torch")
+
+
+@pytest.mark.parametrize("env,dtype", [({"SELECTIVE_SCAN_CPU_BACKEND": "torch"}, "float32"), ({}, "float64")])
+def test_torch_path_never_loads_numba(env, dtype):
+    """A model on the torch path (the variable says torch, or float64, which the fused numba kernels
+    do not take) imports neither numba nor the numba kernel modules, also with numba installed."""
+    code = f"""
+import sys, torch, vim_rpi
+torch.set_default_dtype(torch.{dtype})
+model = vim_rpi.create_model('vim_tiny', depth=2, img_size=32).eval()
+with torch.inference_mode():
+    model(torch.randn(1, 3, 32, 32))
+model.train()(torch.randn(1, 3, 32, 32)).sum().backward()
+print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')
+             or m.endswith(('bimamba_v2_numba', 'selective_scan_numba'))))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_set_backend_reaches_every_mixer_and_norm():
+    model = _small(depth=2, embed_dim=32, img_size=32)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    expected = vim_forward(model.state_dict(), x, patch=16, stride=16)
+    assert model.set_backend("ref") is model
+    report = mamba_ssm.kernel_report(model)
+    assert (report["backend"], report["mixer"], report["selective_scan"], report["causal_conv1d"]) == ("ref",) * 4
+    with torch.no_grad():
+        assert _rel_err(model(x), expected) < 1e-10
+    with pytest.raises(RuntimeError, match="CUDA"):
+        model.set_backend("cuda")
+    assert mamba_ssm.kernel_report(model)["backend"] == "ref"  # a refused choice changes nothing

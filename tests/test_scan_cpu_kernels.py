@@ -2,7 +2,7 @@
 
 Two kernels share the state-(n, d) `scan_state_nd` contract: the pure-PyTorch chunked one
 (`selective_scan_fast`) and the optional fused numba one (`selective_scan_numba`), chosen by
-`causal_conv1d.backends` (SELECTIVE_SCAN_CPU_BACKEND=auto|torch|numba). Both are checked here
+`mamba_ssm.ops.backends` (SELECTIVE_SCAN_CPU_BACKEND=auto|torch|numba). Both are checked here
 with D, an initial state, broadcast batch dims, chunk boundaries, huge decays and concurrent
 threads; numba cases skip when numba is absent.
 """
@@ -18,9 +18,9 @@ import torch
 
 import mamba_ssm
 import mamba_ssm.ops.selective_scan_fast as fast
-from causal_conv1d import backends
 from causal_conv1d.causal_conv1d_interface import conv_taps
-from mamba_ssm import Mamba, use_backend
+from mamba_ssm import Mamba, env, use_backend
+from mamba_ssm.ops import backends
 from mamba_ssm.ops.selective_scan_interface import numba_scan_state_nd, selective_scan_fn
 from test_causal_conv1d import rel_err
 from test_selective_scan import make_scan_inputs, scan_oracle
@@ -171,18 +171,21 @@ def test_autograd_path_matches_and_has_gradients():
 @pytest.mark.parametrize("value,expected", [(None, None), ("", None), ("auto", None), (" Torch ", "torch")])
 def test_cpu_backend_variable(monkeypatch, value, expected):
     if value is None:
-        monkeypatch.delenv(backends.CPU_BACKEND_ENV, raising=False)
+        monkeypatch.delenv(env.CPU_BACKEND_ENV, raising=False)
     else:
-        monkeypatch.setenv(backends.CPU_BACKEND_ENV, value)
-    assert mamba_ssm.which_backend(torch.randn(1, 32, 2)) == (expected or ("numba" if HAS_NUMBA else "torch"))
+        monkeypatch.setenv(env.CPU_BACKEND_ENV, value)
+    expected = expected or ("numba" if HAS_NUMBA else "torch")
+    assert mamba_ssm.which_backend(torch.randn(1, 32, 2)) == expected
+    mixer = Mamba(16, d_state=4, bimamba_type="v2")  # a model reads the variable when it resolves its kernels
+    assert mamba_ssm.kernel_report(mixer)["mixer"] == expected
 
 
 def test_cpu_backend_numba_not_installed(monkeypatch):
     monkeypatch.setattr(backends, "numba_installed", lambda: False)
-    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
+    monkeypatch.setenv(env.CPU_BACKEND_ENV, "numba")
     with pytest.raises(RuntimeError, match="pip install numba"):
         mamba_ssm.which_backend(torch.randn(1, 32, 2))
-    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "auto")
+    monkeypatch.setenv(env.CPU_BACKEND_ENV, "auto")
     assert mamba_ssm.which_backend(torch.randn(1, 32, 2)) == "torch"
 
 
@@ -197,12 +200,12 @@ def test_numba_takes_only_calls_it_supports(monkeypatch):
     ok = make_scan_inputs(2, 32, 3, 5, seed=6)
     odd = make_scan_inputs(2, 48, 3, 5, seed=7)  # 48 channels: not a multiple of 32
     for setting, t, taken in (("numba", ok, 1), ("auto", ok, 1), ("torch", ok, 0), ("numba", odd, 0)):
-        monkeypatch.setenv(backends.CPU_BACKEND_ENV, setting)
+        monkeypatch.setenv(env.CPU_BACKEND_ENV, setting)
         calls.clear()
         y = selective_scan_fn(**t, delta_softplus=True)
         assert len(calls) == taken, setting
         assert rel_err(y, scan_oracle(**t, delta_softplus=True)[0]) <= 1e-5
-    monkeypatch.setenv(backends.CPU_BACKEND_ENV, "numba")
+    monkeypatch.setenv(env.CPU_BACKEND_ENV, "numba")
     calls.clear()
     selective_scan_fn(**{**ok, "u": ok["u"].clone().requires_grad_()}, delta_softplus=True)  # autograd: torch
     assert not calls
@@ -230,20 +233,21 @@ def test_numba_keeps_the_torch_thread_count():
 def test_v2_mixer_fast_path_matches_reference_path(name):
     """A whole bidirectional block (d_inner 64) on the fast path against the sequential `_ref`
     kernels in float64 (the torch path; the fused numba kernels are float32 only and refuse
-    float64 by name), and float32 against that float64 result."""
+    float64 by name, when the model is told), and float32 against that float64 result."""
     torch.manual_seed(0)
     mixer = Mamba(32, bimamba_type="v2", if_divide_out=True).double().eval()
     hidden = torch.randn(2, 23, 32, dtype=torch.float64)
     with torch.no_grad():
-        with use_backend("ref"):
-            want = mixer(hidden)
-        with use_backend(name):
-            if name == "torch":
-                assert rel_err(mixer(hidden), want) <= 1e-12
-            else:
-                with pytest.raises(RuntimeError, match="float32 on the CPU only"):
-                    mixer(hidden)
-            got32 = mixer.float()(hidden.float())
+        want = mixer.set_backend("ref")(hidden)
+        if name == "torch":
+            assert rel_err(mixer.set_backend("torch")(hidden), want) <= 1e-12
+        else:
+            with pytest.raises(RuntimeError, match="float32 activations and weights on the CPU only"):
+                mixer.set_backend("numba")
+            assert mamba_ssm.kernel_report(mixer)["backend"] == "ref"  # refused: unchanged
+            mixer.float().set_backend("numba")
+        got32 = mixer.float()(hidden.float())
+        assert mamba_ssm.kernel_report(mixer)["mixer"] == name
     assert rel_err(got32, want) <= 1e-5
 
 

@@ -1,155 +1,65 @@
 """serve_rpi.py as a user runs it: a real server subprocess on a free loopback port, a small
-random-weight checkpoint, and HTTP from the test. Every endpoint, the classifier API's top-k,
-every client mistake (4xx JSON, and the server still answers), the token, a full queue, SIGTERM
-with requests in flight, a bounded load test, and the page in headless Chromium."""
+random-weight checkpoint, and HTTP from the test. Every endpoint (HEAD on the probes, the
+favicon), the classifier API's top-k, every client mistake (4xx JSON, and the server still
+answers), slow uploads, the token (UTF-8), Host and Origin checks, the command line's refusals
+(a LAN address without a token, a busy port), and the page in headless Chromium. Load, overload,
+slow clients, shutdown and hostile images: tests/test_serve_reliability.py."""
 
-import concurrent.futures
-import http.client
-import io
 import json
-import os
-import pathlib
+import select
 import shutil
-import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 import uuid
 import warnings
-import zlib
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-import vim_rpi
-from vim_rpi import Classifier, checkpoint_io
+from vim_rpi import Classifier
 
 pytest.importorskip("fastapi", reason="the server's packages: pip install -r scripts/requirements-serve.txt")
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "vim" / "serve_rpi.py"
-TOKEN = "s3cret-token"
-TIMEOUT = 60  # seconds: the bound of every wait in this file
+from serve_helpers import (ROOT, SCRIPT, TIMEOUT, Server, classify, encode, free_port, multipart,  # noqa: E402
+                           png_header_only, read_answer, request, send_raw, small_checkpoint)
+
+TOKEN = "s3cret-ключ"  # not ASCII: compared as the UTF-8 bytes a client sends
+AUTH = {"Authorization": f"Bearer {TOKEN}".encode()}
 MAX_UPLOAD_MB = 1
-
-
-def _png_header_only(width, height):
-    """A PNG whose header claims width x height gray pixels: enough for Pillow's bomb check."""
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
-        chunk(b"IEND", b"")
-
-
-def _encode(pixels, fmt, **options):
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Checkpoints (a tiny one, and full-size Vim-Tiny for slow forwards) and encoded images."""
+    """A tiny checkpoint and encoded images."""
     root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    small = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64, num_classes=10)
-    torch.nn.init.normal_(small.head.weight, std=1.0)  # spread logits: the top-k order is not a tie
-    checkpoint_io.save_checkpoint(root / "small.pth", small)
-    checkpoint_io.save_checkpoint(root / "tiny224.pth", vim_rpi.create_model("vim_tiny", num_classes=10))
     rng = np.random.default_rng(1)
-    jpeg = _encode(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8), "JPEG", quality=90)
+    jpeg = encode(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8), "JPEG", quality=90)
     images = {
-        "png": _encode(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), "PNG"),
+        "png": encode(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), "PNG"),
         "jpg": jpeg,
         "truncated": jpeg[: len(jpeg) // 3],
         "text": b"not an image\n",
-        "bomb": _png_header_only(40_000, 40_000),
+        "bomb": png_header_only(40_000, 40_000),
     }
-    return {"small": root / "small.pth", "tiny224": root / "tiny224.pth", "images": images, "root": root}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """serve_rpi.py in a subprocess; stderr goes to a file (a full pipe would block it)."""
-
-    def __init__(self, tmp, checkpoint, *args, env=None):
-        self.port = _free_port()
-        self.log_path = tmp / f"server-{self.port}.log"
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "-c", str(checkpoint), "--port", str(self.port), "-t", "1", *args],
-            stdout=subprocess.DEVNULL, stderr=self.log, env=dict(os.environ, **(env or {})))
-        deadline = time.monotonic() + TIMEOUT
-        while _status(self, "GET", "/readyz") != 200:
-            assert self.process.poll() is None, self.stderr()
-            assert time.monotonic() < deadline, "server not ready in time:\n" + self.stderr()
-            time.sleep(0.1)
-
-    def stderr(self):
-        return self.log_path.read_text()
-
-    def rss_mb(self):
-        for line in pathlib.Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(TIMEOUT)
-        self.log.close()
-
-
-def request(server, method, path, body=None, headers=None, timeout=TIMEOUT):
-    """One HTTP request -> (status, headers, parsed JSON or text)."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        raw = response.read()
-        kind = response.getheader("content-type", "")
-        return response.status, response.headers, json.loads(raw) if "json" in kind else raw.decode()
-    finally:
-        connection.close()
-
-
-def _status(server, method, path):
-    try:
-        return request(server, method, path, timeout=5)[0]
-    except OSError:
-        return None
-
-
-def classify(server, image, topk=None, headers=None):
-    query = "" if topk is None else f"?topk={topk}"
-    return request(server, "POST", "/v1/classify" + query, image, headers)
-
-
-def multipart(fields):
-    """A multipart/form-data body of (name, filename, bytes) parts -> (body, headers)."""
-    boundary = uuid.uuid4().hex
-    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
-                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
-                    for name, filename, data in fields) + f"--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    return {"small": small_checkpoint(root / "small.pth"), "images": images, "root": root}
 
 
 @pytest.fixture(scope="module")
 def server(files):
-    """The tiny model, no token, uploads up to 1 MB; shared by most tests."""
-    srv = Server(files["root"], files["small"], "--max-upload-mb", str(MAX_UPLOAD_MB), "--upload-timeout-s", "2")
+    """The tiny model, no token, uploads up to 1 MB, idle 2 s, 4 s in all; shared by most tests."""
+    srv = Server(files["root"], files["small"], "--max-upload-mb", str(MAX_UPLOAD_MB), "--upload-idle-s", "2",
+                 "--upload-timeout-s", "4")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded_server(files):
+    """The tiny model with a token, one more Host name and one more origin."""
+    srv = Server(files["root"], files["small"], "--allowed-hosts", "pi.lan,cam.lan",
+                 "--allowed-origins", "http://dash.lan:3000", env={"VIM_SERVE_TOKEN": TOKEN})
     yield srv
     srv.stop()
 
@@ -169,21 +79,29 @@ def _same_topk(got, want):
 def test_health_ready_info_page_docs(server):
     assert request(server, "GET", "/healthz")[:3:2] == (200, {"status": "ok"})
     assert request(server, "GET", "/readyz")[:3:2] == (200, {"status": "ready"})
+    for path in ("/healthz", "/readyz"):  # what load balancers and monitors send
+        status, headers, body = request(server, "HEAD", path)
+        assert (status, body) == (200, "") and headers["content-type"] == "application/json", path
     status, _, info = request(server, "GET", "/v1/info")
     assert status == 200
     assert {"model", "checkpoint", "threads", "quantize", "torch", "backend", "server"} <= set(info)
     assert info["threads"] == 1 and info["quantize"] == "none" and info["checkpoint"].endswith("small.pth")
-    assert info["server"] == {"queue": 16, "waiting": 0, "max_batch": 8, "max_upload_mb": MAX_UPLOAD_MB,
-                              "token_required": False}
+    assert info["server"] == {"queue": 16, "waiting": 0, "max_batch": 8, "decoders": 2, "uploads": 8,
+                              "uploading": 0, "max_upload_mb": MAX_UPLOAD_MB, "token_required": False}
     status, headers, page = request(server, "GET", "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert 'accept="image/*"' in page and "capture" in page
     for asset in ("/static/app.js", "/static/style.css", "/docs", "/static/docs.js"):
         assert request(server, "GET", asset)[0] == 200, asset
     assert "http" not in page.replace("http-equiv", "")  # every asset from this server: no CDN
+    connection_icon = request(server, "GET", "/favicon.ico")  # browsers ask for it unprompted
+    assert connection_icon[0] == 200 and connection_icon[1]["content-type"] in ("image/x-icon",
+                                                                                "image/vnd.microsoft.icon")
     status, _, schema = request(server, "GET", "/openapi.json")
     assert status == 200 and {"/v1/classify", "/v1/info", "/healthz", "/readyz"} <= set(schema["paths"])
-    assert "multipart/form-data" in schema["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    post = schema["paths"]["/v1/classify"]["post"]
+    assert "multipart/form-data" in post["requestBody"]["content"]
+    assert [(p["name"], p["schema"].get("default")) for p in post["parameters"]] == [("topk", 5)]
 
 
 @pytest.mark.parametrize("kind", ["png", "jpg"])
@@ -200,6 +118,11 @@ def test_classify_equals_the_classifier_api(server, files, reference, kind):
     _same_topk(body["topk"], reference.classify(image, topk=3).topk)
 
 
+def _raw_head(length=None, extra=""):
+    announced = "" if length is None else f"Content-Length: {length}\r\n"
+    return f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\n{announced}{extra}\r\n".encode()
+
+
 @pytest.mark.parametrize("case,status,words", [
     ("empty", 400, "empty image"),
     ("text", 422, "not an image"),
@@ -212,6 +135,8 @@ def test_classify_equals_the_classifier_api(server, files, reference, kind):
     ("topk word", 422, "topk"),
     ("multipart without image", 400, "'image'"),
     ("malformed multipart", 400, "multipart"),
+    ("boundary of 300 characters", 400, "multipart"),
+    ("unparsable request line", 400, "malformed HTTP request"),
     ("unknown path", 404, "Not Found"),
     ("wrong method", 405, "Method Not Allowed"),
 ])
@@ -223,11 +148,10 @@ def test_client_mistakes_get_a_4xx_json_error_and_the_server_goes_on(server, fil
     elif case in images:
         got = classify(server, images[case])
     elif case == "too large":  # refused by Content-Length, before the body is read
-        got = _send_raw(server, f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {big}\r\n\r\n".encode())
+        got = send_raw(server, _raw_head(big))
     elif case == "too large chunked":  # no Content-Length: counted while streaming
-        head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         chunk = b"%x\r\n" % 2**16 + b"\0" * 2**16 + b"\r\n"
-        got = _send_raw(server, head, chunk, repeat=big // 2**16 + 1)  # just past the limit
+        got = send_raw(server, _raw_head(extra="Transfer-Encoding: chunked\r\n"), chunk, repeat=big // 2**16 + 1)
     elif case.startswith("topk"):
         got = classify(server, images["png"], topk={"topk 0": 0, "topk 11": 11, "topk word": "five"}[case])
     elif case == "multipart without image":
@@ -235,6 +159,11 @@ def test_client_mistakes_get_a_4xx_json_error_and_the_server_goes_on(server, fil
         got = classify(server, form, headers=headers)
     elif case == "malformed multipart":
         got = classify(server, b"--zz\r\nno headers end", headers={"Content-Type": "multipart/form-data; boundary=b"})
+    elif case == "boundary of 300 characters":  # python_multipart refuses boundaries over 256 when built
+        form, headers = multipart([("image", "a.png", images["png"])], boundary="b" * 300)
+        got = classify(server, form, headers=headers)
+    elif case == "unparsable request line":  # refused by the HTTP parser, below the application
+        got = send_raw(server, b"POST /v1/classify HTTP/1.1 extra\r\nHost: 127.0.0.1\r\n\r\n")
     elif case == "unknown path":
         got = request(server, "GET", "/v2/classify")
     else:
@@ -244,41 +173,52 @@ def test_client_mistakes_get_a_4xx_json_error_and_the_server_goes_on(server, fil
     assert classify(server, images["png"])[0] == 200  # still serving
 
 
-def _send_raw(server, head, chunk=b"", repeat=0):
-    """Send raw HTTP bytes (the body may be cut off by the server's early answer) and parse the
-    answer -> (status, headers, JSON body)."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
-        try:
-            sock.sendall(head)
-            for _ in range(repeat):
-                sock.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed before the whole body was sent
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        return response.status, response.headers, json.loads(response.read())
-
-
 def test_clients_that_disconnect_disturb_no_one(server, files):
     image = files["images"]["jpg"]
-    for payload in (
-        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(image)}\r\n\r\n".encode() + image[:1000],
-        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(image)}\r\n\r\n".encode() + image,
-    ):  # gone mid-upload; gone while waiting for the answer
+    for payload in (_raw_head(len(image)) + image[:1000], _raw_head(len(image)) + image):
+        # gone mid-upload; gone while waiting for the answer
         with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
             sock.sendall(payload)
     assert classify(server, image)[0] == 200
     assert "Traceback" not in server.stderr()
 
 
-def test_a_stalled_upload_gets_408_and_frees_its_place(server, files):
+def _info(server):
+    return request(server, "GET", "/v1/info")[2]["server"]
+
+
+def test_an_upload_that_stops_sending_gets_408_and_frees_its_slot(server, files):
     image = files["images"]["png"]
-    head = f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(image)}\r\n\r\n".encode()
     start = time.monotonic()
-    status, _, body = _send_raw(server, head + image[:100])  # and then nothing more
-    assert status == 408 and "longer than 2 s" in body["error"] and time.monotonic() - start < TIMEOUT
-    assert request(server, "GET", "/v1/info")[2]["server"]["waiting"] == 0
+    status, _, body = send_raw(server, _raw_head(len(image)) + image[:100])  # and then nothing more
+    assert status == 408 and "sent nothing for 2 s" in body["error"] and time.monotonic() - start < TIMEOUT
+    assert _info(server)["waiting"] == 0 and _info(server)["uploading"] == 0
     assert classify(server, image)[0] == 200
+
+
+def test_an_upload_slower_than_the_upload_timeout_gets_408(server, files):
+    """A byte every 0.5 s never trips the idle limit (2 s), but the whole upload may take 4 s."""
+    image = files["images"]["png"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(_raw_head(len(image)))
+        try:
+            for byte in image[:int(TIMEOUT / 0.5)]:
+                if _answered(sock):
+                    break
+                sock.sendall(bytes([byte]))
+                time.sleep(0.5)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed
+        status, _, raw = read_answer(sock)
+    assert status == 408 and "longer than 4 s" in json.loads(raw)["error"], raw
+    assert _info(server)["uploading"] == 0
+
+
+def _answered(sock):
+    """True once the server has sent something on `sock` (or closed it)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def test_one_log_line_per_request_without_image_content(server, files):
@@ -296,104 +236,66 @@ def test_one_log_line_per_request_without_image_content(server, files):
     assert "IHDR" not in server.stderr() and "PNG" not in server.stderr()
 
 
-def test_load_good_and_bad_images_from_concurrent_clients(server, files, reference):
-    """8 clients x 25 requests mixing good and bad images; RSS after 500 requests vs after 50."""
-    images = files["images"]
-    expected = {kind: reference.classify(images[kind], topk=5).topk for kind in ("png", "jpg")}
-    mix = ["png", "jpg", "text", "png", "truncated", "jpg", "bomb", "png"]
-
-    def client(n, offset):
-        results = []
-        for i in range(n):
-            kind = mix[(offset + i) % len(mix)]
-            results.append((kind, *classify(server, images[kind], headers={"Connection": "close"})[::2]))
-        return results
-
-    def run(clients, per_client):
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            return [r for f in [pool.submit(client, per_client, c) for c in range(clients)] for r in f.result(TIMEOUT)]
-
-    start = time.monotonic()
-    results = run(2, 25)
-    rss_50 = server.rss_mb()
-    for _ in range(2):
-        results += run(8, 25)
-    results += run(2, 25)
-    elapsed = time.monotonic() - start
-    rss_500 = server.rss_mb()
-    assert len(results) == 500  # none lost
-    statuses = {}
-    for kind, status, body in results:
-        statuses[status] = statuses.get(status, 0) + 1
-        if kind in expected:
-            assert status == 200, body
-            _same_topk(body["topk"], expected[kind])
-        else:
-            assert 400 <= status < 500 and set(body) == {"error"}, body
-    assert statuses.keys() <= {200, 422}
-    print(f"\nload test: {len(results)} requests in {elapsed:.1f} s, statuses {statuses}, "
-          f"RSS {rss_50:.0f} MB after 50, {rss_500:.0f} MB after 500")
-    assert rss_500 <= rss_50 * 1.10
-
-
-@pytest.fixture(scope="module")
-def slow_server(files):
-    """Full-size Vim-Tiny (forwards of ~0.1 s), with a token, a queue of 2 and no batching."""
-    srv = Server(files["root"], files["tiny224"], "--queue", "2", "--max-batch", "1", env={"VIM_SERVE_TOKEN": TOKEN})
-    yield srv
-    srv.stop()
-
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def test_token_is_required_on_the_api_only(slow_server, files):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-        status, got_headers, body = request(slow_server, "GET", "/v1/info", headers=headers)
+def test_the_token_is_required_on_the_api_only_and_may_be_utf8(guarded_server, files):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN.encode()},
+                    {"Authorization": f"Bearer {TOKEN}".encode("cp1251")}):
+        status, got_headers, body = request(guarded_server, "GET", "/v1/info", headers=headers)
         assert status == 401 and got_headers["WWW-Authenticate"] == "Bearer" and "token" in body["error"]
-        assert classify(slow_server, files["images"]["png"], headers=headers)[0] == 401
-    status, _, info = request(slow_server, "GET", "/v1/info", headers=AUTH)
+        assert classify(guarded_server, files["images"]["png"], headers=headers)[0] == 401
+    status, _, info = request(guarded_server, "GET", "/v1/info", headers=AUTH)
     assert status == 200 and info["server"]["token_required"] is True
+    assert classify(guarded_server, files["images"]["png"], headers=AUTH)[0] == 200
     for path in ("/healthz", "/readyz", "/", "/openapi.json"):
-        assert request(slow_server, "GET", path)[0] == 200, path
+        assert request(guarded_server, "GET", path)[0] == 200, path
 
 
-def test_a_full_queue_answers_503_with_retry_after(slow_server, files):
+@pytest.mark.parametrize("host,allowed", [
+    ("127.0.0.1", True), ("127.0.0.1:{port}", True), ("localhost:{port}", True), ("LOCALHOST", True),
+    ("[::1]:{port}", True), ("192.168.1.20:{port}", True),  # an address: the page came from this server
+    ("rebind.attacker.example", False), ("rebind.attacker.example:{port}", False), ("pi.lan", False),
+    ("localhost.attacker.example", False), ("", False), ("a b", False),
+])
+def test_the_host_header_must_name_this_server(server, host, allowed):
+    """A DNS-rebinding page reaches the server under its own name: refused."""
+    got = request(server, "GET", "/healthz", headers={"Host": host.format(port=server.port)})
+    if allowed:
+        assert got[:3:2] == (200, {"status": "ok"}), got
+    else:
+        assert got[0] == 400 and "Host" in got[2]["error"], got
+
+
+def test_allowed_hosts_adds_names(guarded_server):
+    for host in ("pi.lan", "cam.lan:8000", "PI.LAN."):
+        assert request(guarded_server, "GET", "/healthz", headers={"Host": host})[0] == 200, host
+    status, _, body = request(guarded_server, "GET", "/healthz", headers={"Host": "other.lan"})
+    assert status == 400 and "--allowed-hosts other.lan" in body["error"]
+
+
+def test_cross_origin_requests_are_refused_unless_allowed(server, guarded_server, files):
     image = files["images"]["png"]
-    with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        results = list(pool.map(lambda _: classify(slow_server, image, headers=AUTH), range(10), timeout=TIMEOUT))
-    statuses = sorted(r[0] for r in results)
-    assert set(statuses) == {200, 503}, statuses
-    assert statuses.count(200) >= 2  # the queue's two at least
-    for status, headers, body in results:
-        if status == 503:
-            assert headers["Retry-After"] == "1" and "queue is full" in body["error"]
-    assert classify(slow_server, image, headers=AUTH)[0] == 200
+    own = f"http://127.0.0.1:{server.port}"
+    assert classify(server, image, headers={"Origin": own})[0] == 200  # the page's own requests
+    for origin in ("http://attacker.example", "null", f"http://127.0.0.1:{server.port + 1}",
+                   f"https://127.0.0.1:{server.port}x", "file://"):
+        for got in (classify(server, image, headers={"Origin": origin}),
+                    request(server, "GET", "/v1/info", headers={"Origin": origin})):
+            assert got[0] == 403 and "cross-origin" in got[2]["error"], (origin, got)
+    # an origin allowed by --allowed-origins: answered, with the header that lets the browser read it
+    allowed = {"Origin": "http://dash.lan:3000"}
+    status, headers, _ = classify(guarded_server, image, headers={**AUTH, **allowed})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://dash.lan:3000"
+    status, headers, _ = request(guarded_server, "OPTIONS", "/v1/classify", headers={
+        **allowed, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert status == 200 and "authorization" in headers["Access-Control-Allow-Headers"].lower()
+    assert classify(guarded_server, image, headers={**AUTH, "Origin": "http://dash.lan:3001"})[0] == 403
 
 
-def test_sigterm_finishes_requests_in_flight_and_exits_0(slow_server, files):
-    image = files["images"]["jpg"]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(classify, slow_server, image, None, AUTH) for _ in range(2)]
-        deadline = time.monotonic() + TIMEOUT
-        # one waiting while the other runs (or has run): both requests are in
-        while request(slow_server, "GET", "/v1/info", headers=AUTH)[2]["server"]["waiting"] < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        slow_server.process.send_signal(signal.SIGTERM)
-        assert [f.result(TIMEOUT)[0] for f in futures] == [200, 200]
-    assert slow_server.process.wait(TIMEOUT) == 0, slow_server.stderr()
-    assert "Traceback" not in slow_server.stderr()
-
-
-def test_the_page_in_headless_chromium_shows_five_labelled_bars(server, files, tmp_path):
-    """Opens /, uploads a generated image, and waits for five labels and bars. Needs Debian's
-    chromium and chromium-driver and the selenium package (.ci/run installs them)."""
+def _chromium(tmp_path):
+    """A headless Chromium driven by selenium; skipped (loudly) where they are missing. Needs
+    Debian's chromium and chromium-driver and the selenium package (.ci/run installs them)."""
     browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     try:
         from selenium import webdriver
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
     except ImportError:
         browser = None
     if not (browser and driver_path):
@@ -408,13 +310,26 @@ def test_the_page_in_headless_chromium_shows_five_labelled_bars(server, files, t
                 "--no-first-run", "--window-size=800,1000", f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(TIMEOUT)
+    return driver
+
+
+def test_the_page_in_headless_chromium(server, guarded_server, files, tmp_path):
+    """Opens /, uploads a generated image and waits for five labels and bars; then a file that
+    is not an image: an error, and no card with a broken image. The docs page shows the
+    parameters' defaults; with a token, the page asks for it on load, and a token that is not
+    ASCII works."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _chromium(tmp_path)
+    wait = WebDriverWait(driver, TIMEOUT)
     try:
-        driver.set_page_load_timeout(TIMEOUT)
         driver.get(f"http://127.0.0.1:{server.port}/")
-        photo = tmp_path / "photo.jpg"
+        photo, text = tmp_path / "photo.jpg", tmp_path / "notes.png"
         photo.write_bytes(files["images"]["jpg"])
+        text.write_bytes(b"not an image at all")
         driver.find_element(By.ID, "choose").send_keys(str(photo))
-        wait = WebDriverWait(driver, TIMEOUT)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#topk li")) == 5)
         labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#topk .label")]
         widths = [e.value_of_css_property("width") for e in driver.find_elements(By.CSS_SELECTOR, "#topk .fill")]
@@ -422,16 +337,84 @@ def test_the_page_in_headless_chromium_shows_five_labelled_bars(server, files, t
         assert len(widths) == 5 and float(widths[0].rstrip("px")) > 0
         assert "inference" in driver.find_element(By.ID, "timing").text
         assert driver.find_element(By.ID, "preview").get_attribute("naturalWidth") == "420"
+        driver.find_element(By.ID, "choose").send_keys(str(text))
+        wait.until(lambda d: "not an image" in d.find_element(By.ID, "status").text)
+        assert not driver.find_element(By.ID, "result").is_displayed()
+
+        driver.get(f"http://127.0.0.1:{server.port}/docs")
+        wait.until(lambda d: "topk" in d.find_element(By.ID, "endpoints").text)
+        docs = driver.find_element(By.ID, "endpoints").text
+        assert "(default 5)" in docs and "undefined" not in docs
+
+        driver.get(f"http://127.0.0.1:{guarded_server.port}/")
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "token required")
+        assert driver.find_element(By.ID, "token-form").is_displayed()  # before any photo was tried
+        driver.find_element(By.ID, "token").send_keys(TOKEN)  # not ASCII: sent as its UTF-8 bytes
+        driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        wait.until(lambda d: "threads" in d.find_element(By.ID, "model").text)
+        assert not driver.find_element(By.ID, "token-form").is_displayed()
     finally:
         driver.quit()
 
 
+def _serve(*args, port=None):
+    port = port or free_port()
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(SCRIPT), "--port", str(port), *args], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    return done, time.monotonic() - start
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--queue", "0", "--queue must be >= 1"), ("--decoders", "0", "--decoders must be >= 1"),
+    ("--uploads", "0", "--uploads must be >= 1"), ("--max-connections", "0", "--max-connections must be >= 1"),
+    ("--header-timeout-s", "0", "--header-timeout-s must be > 0"), ("--upload-idle-s", "-1", "must be > 0"),
+    ("--keep-alive-s", "0", "--keep-alive-s must be > 0"), ("--port", "70000", "--port must be in 0..65535"),
+])
+def test_usage_errors_exit_2(flag, value, words, capsys):
+    from vim_rpi import serve_rpi
+
+    parser = serve_rpi.build_parser()
+    with pytest.raises(SystemExit) as exited:
+        serve_rpi.check_args(parser, parser.parse_args([flag, value]))
+    assert exited.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_usage_errors_exit_2_and_a_missing_checkpoint_exits_3(tmp_path):
-    run = [sys.executable, str(SCRIPT), "--port", str(_free_port())]
-    done = subprocess.run(run + ["--queue", "0"], capture_output=True, text=True, timeout=TIMEOUT)
+    done, _ = _serve("--queue", "0")
     assert done.returncode == 2 and "--queue must be >= 1" in done.stderr
-    done = subprocess.run(run + ["-c", str(tmp_path / "missing.pth")], capture_output=True, text=True, timeout=TIMEOUT)
+    done, _ = _serve("-c", str(tmp_path / "missing.pth"))
     assert done.returncode == 3 and "missing.pth" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_network_address_without_a_token_is_refused(monkeypatch):
+    """The refusal comes before the port is opened; --insecure-no-token is the explicit way."""
+    monkeypatch.delenv("VIM_SERVE_TOKEN", raising=False)
+    done, _ = _serve("--host", "0.0.0.0")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "needs a token" in lines[-1] and "--insecure-no-token" in lines[-1]
+    from vim_rpi import serve_rpi
+
+    parser = serve_rpi.build_parser()
+    for args in (["--host", "0.0.0.0", "--insecure-no-token"], ["--host", "0.0.0.0", "--token", "t"],
+                 ["--host", "::1"], ["--host", "localhost"]):
+        serve_rpi.check_args(parser, parser.parse_args(args))  # no SystemExit
+
+
+def test_a_busy_port_is_one_line_and_exit_5_before_anything_loads(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done, seconds = _serve("-c", str(tmp_path / "missing.pth"), port=port)  # the checkpoint is never looked at
+    assert done.returncode == 5, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; another program listens there; "
+        f"stop it or choose another --port"]
+    print(f"\nbusy port: exit {done.returncode} after {seconds:.2f} s")
+    help_text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
+                               timeout=TIMEOUT).stdout
+    assert "5 cannot listen on --host/--port" in help_text
 
 
 def test_bench_serve_runs_its_grid_and_prints_json(files):
@@ -444,3 +427,36 @@ def test_bench_serve_runs_its_grid_and_prints_json(files):
     assert [(r["batching"], r["clients"]) for r in report["results"]] == [("on", 1), ("on", 2), ("off", 1), ("off", 2)]
     for row in report["results"]:
         assert row["requests"] == 3 and row["requests_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+
+
+def _unit(text):
+    """The [Service] settings of a systemd unit -> {key: [values]}."""
+    settings, section = {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_systemd_unit_fails_closed_and_bounds_files_and_memory(tmp_path):
+    """No token file: the unit does not start (no "EnvironmentFile=-"); no token in it: the
+    server refuses the LAN (tested above); open files and memory are capped; a usage error or a
+    busy port is not restarted for ever. systemd-analyze checks the file where it exists."""
+    text = (ROOT / "scripts" / "vim-serve.service").read_text()
+    service = _unit(text)
+    assert service["EnvironmentFile"] == ["/etc/default/vim-serve"]
+    exec_start = service["ExecStart"][0].split()
+    assert "--host" in exec_start and "--insecure-no-token" not in exec_start and "--token" not in exec_start
+    assert int(service["LimitNOFILE"][0]) >= 64 + 64  # --max-connections and the other files
+    assert service["MemoryMax"][0].endswith("M") and int(service["MemoryMax"][0][:-1]) <= 1024
+    assert set(service["RestartPreventExitStatus"][0].split()) == {"2", "5"}
+    if shutil.which("systemd-analyze"):
+        unit = tmp_path / "vim-serve.service"
+        unit.write_text(text.replace("/home/pi/vim-rpi/.venv/bin/python", sys.executable))
+        done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr

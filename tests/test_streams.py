@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -167,6 +168,83 @@ def test_missing_video_file_and_camera_index_are_one_line(assets, processes, tmp
         assert len(err.splitlines()) == 1 and needle in err, err
 
 
+DAMAGED_AT, DAMAGED_COUNT = 20, 48
+
+
+@pytest.fixture(scope="module")
+def bad_videos(assets, video):
+    """Videos that end badly: (an MPEG-4 .mp4 whose frame DAMAGED_AT lost its start code, the test
+    .avi cut in half, a text file named .jpg); the .mp4 replays at 240 fps (0.2 s)."""
+    cv2 = pytest.importorskip("cv2")
+    good = assets / "good.mp4"
+    writer = cv2.VideoWriter(str(good), cv2.VideoWriter_fourcc(*"mp4v"), 240.0, SIZE)
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build writes no MPEG-4")
+    for i in range(DAMAGED_COUNT):
+        frame = np.full((SIZE[1], SIZE[0], 3), (40, 90, 20), np.uint8)
+        cv2.circle(frame, (15 + 2 * i, 60), 14, (0, 0, 255), -1)
+        writer.write(frame)
+    writer.release()
+    data = bytearray(good.read_bytes())
+    starts = [i for i in range(len(data) - 3) if data[i:i + 4] == b"\x00\x00\x01\xb6"]  # one VOP start code per frame
+    assert len(starts) == DAMAGED_COUNT
+    data[starts[DAMAGED_AT]:starts[DAMAGED_AT] + 4] = bytes(4)  # the decoder no longer finds this frame
+    damaged = assets / "damaged.mp4"
+    damaged.write_bytes(data)
+    whole = video[0].read_bytes()
+    cut = assets / "cut.avi"
+    cut.write_bytes(whole[: len(whole) // 2])
+    text = assets / "text.jpg"
+    text.write_text("not a video\n")
+    return damaged, cut, text
+
+
+def _read_all(path):
+    """Every frame streams' OpenCV source reads from `path`: (count, the SourceError or None)."""
+    source = streams.open_video(str(path))
+    count = 0
+    try:
+        while source.read() is not None:
+            count += 1
+    except SourceError as error:
+        return count, error
+    finally:
+        source.close()
+    return count, None
+
+
+def test_opencv_read_fails_alike_at_the_end_and_on_damage_and_the_source_tells_them_apart(bad_videos, video):
+    cv2 = pytest.importorskip("cv2")
+    damaged, cut, _ = bad_videos
+    capture = cv2.VideoCapture(str(damaged))  # what the check rests on: False, then frames again
+    try:
+        assert all(capture.read()[0] for _ in range(DAMAGED_AT)) and not capture.read()[0] and capture.grab()
+    finally:
+        capture.release()
+    count, error = _read_all(damaged)
+    assert count == DAMAGED_AT and f"frame {DAMAGED_AT} of {DAMAGED_COUNT} could not be decoded" in str(error)
+    count, error = _read_all(cut)
+    assert 0 < count < FRAMES and f"the frames end at {count} of the {FRAMES} the file announces" in str(error)
+    assert _read_all(video[0]) == (FRAMES, None)  # a whole file simply ends
+
+
+def test_a_source_that_ends_before_its_first_frame_is_an_error():
+    with pytest.raises(SourceError, match="fake: no frame could be read from it"):
+        list(streams.LatestFrameStream(FakeSource(count=0, fps=100.0), lambda pixels: None))
+
+
+def test_bad_video_files_exit_4_with_one_line(assets, bad_videos, processes):
+    damaged, cut, text = bad_videos
+    for path, frames, needle in ((damaged, DAMAGED_AT, "could not be decoded"), (cut, None, "the frames end at"),
+                                 (text, 0, "no frame could be read")):
+        code, out, err = _run(processes, ["--video", path, "--json", "-c", assets / "small.pth", "-t", "1", "-q"])
+        assert code == 4 and len(err.splitlines()) == 1 and needle in err and str(path) in err, err
+        indices = [line["frame"] for line in _json_lines(out)]
+        assert indices == sorted(indices)
+        if frames is not None:  # the frames before the problem were classified, the newest of them last
+            assert indices[-1] == frames - 1 if frames else indices == []
+
+
 # --- the latest-frame loop -----------------------------------------------------------------------
 
 class FakeSource:
@@ -317,6 +395,130 @@ def test_directories_and_recursive(assets, main_in_process, tmp_path):
 
     code, out, err = main_in_process([photos / "empty", *common])
     assert code == 4 and "no image files" in json.loads(out)["results"][0]["error"] and "--recursive" in err
+
+
+def _permissions_apply():
+    """A command prefix under which file permissions apply to a child process, or None when they
+    cannot: nothing for a normal user; for root, setpriv without the capabilities that let root
+    read and search anything (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    if shutil.which("setpriv") and subprocess.run([*prefix, "true"]).returncode == 0:
+        return prefix
+    return None
+
+
+@pytest.fixture
+def awkward_paths(assets, tmp_path):
+    """Paths with every problem a path can have, each with a word its error must contain, and a
+    directory that holds such entries; returns (paths [(path, needle or None when it classifies)],
+    directory, its entries in the expected order [(path, needle)], command prefix). Permission
+    cases are left out where permissions cannot apply (root without setpriv)."""
+    prefix = _permissions_apply()
+    image = (assets / "a.jpg").read_bytes()
+    (tmp_path / "good.jpg").write_bytes(image)
+    os.mkfifo(tmp_path / "pipe.jpg")  # opened, it would wait forever for a writer
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9.jpg")  # not UTF-8: a lone surrogate in Python
+    latin1.write_bytes(image)
+    paths = [(tmp_path / "good.jpg", None), (tmp_path / ("x" * 300 + ".jpg"), "name too long"),
+             (tmp_path / "pipe.jpg", "FIFO"), (tmp_path / "dangling.jpg", "symbolic link to"),
+             (latin1, None), (tmp_path / "missing.jpg", "no such file")]
+
+    folder = tmp_path / "folder"
+    (folder / "deeper").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(image)
+    (folder / "deeper" / "b.jpg").write_bytes(image)
+    os.mkfifo(folder / "pipe.png")
+    (folder / "dangling.png").symlink_to("nowhere.png")
+    (folder / "notes.txt").write_text("not an image, skipped\n")
+    entries = [(folder / "a.jpg", None), (folder / "dangling.png", "symbolic link to"),
+               (folder / "deeper" / "b.jpg", None), (folder / "pipe.png", "FIFO")]
+    locked = []
+    if prefix is not None:
+        (tmp_path / "secret.jpg").write_bytes(image)
+        (tmp_path / "closed").mkdir()
+        (tmp_path / "closed" / "inside.jpg").write_bytes(image)
+        (folder / "locked").mkdir()
+        (folder / "locked" / "c.jpg").write_bytes(image)
+        locked = [tmp_path / "secret.jpg", tmp_path / "closed", folder / "locked"]
+        paths += [(tmp_path / "secret.jpg", "permission denied"),
+                  (tmp_path / "closed" / "inside.jpg", "permission denied")]
+        entries.insert(3, (folder / "locked", "cannot list this directory: permission denied"))
+    for path in locked:
+        path.chmod(0)
+    yield paths, folder, entries, prefix or []
+    for path in locked:
+        path.chmod(0o700)
+
+
+def _check_results(results, err, expected):
+    """Each result is the expected image, classified or failed with its needle; one stderr line per failure."""
+    assert [r["image"] for r in results] == [str(path) for path, _ in expected]
+    for result, (path, needle) in zip(results, expected):
+        if needle is None:
+            assert set(result) == {"image", "topk", "timing_ms"}, result
+        else:
+            assert set(result) == {"image", "error"} and needle in result["error"], result
+            assert result["error"].startswith(f"{path}: ")  # names the path, then the cause
+    failures = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(failures) == len(err.splitlines()) == sum(needle is not None for _, needle in expected), err
+
+
+def test_every_path_problem_is_one_failed_item_in_arguments_and_directories(assets, processes, awkward_paths):
+    paths, folder, entries, prefix = awkward_paths
+    process = subprocess.Popen([*prefix, sys.executable, str(SCRIPT), *(str(p) for p, _ in paths), str(folder),
+                                "--recursive", "--json", "-c", str(assets / "small.pth"), "-t", "1", "-k", "1", "-q"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processes.append(process)
+    out, err = process.communicate(timeout=60)  # a FIFO that was opened would hang here
+    assert process.returncode == 4 and "Traceback" not in err, err
+    _check_results(json.loads(out)["results"], err, paths + entries)
+
+
+def test_every_path_problem_is_one_failed_item_in_paths_from(assets, processes, awkward_paths, tmp_path):
+    paths, folder, entries, prefix = awkward_paths
+    listing = b"".join(os.fsencode(path) + b"\n" for path, _ in paths) + os.fsencode(folder) + b"\n"
+    (tmp_path / "list.txt").write_bytes(listing)
+    for source in ("-", tmp_path / "list.txt"):
+        process = subprocess.Popen([*prefix, sys.executable, str(SCRIPT), "--paths-from", str(source), "--recursive",
+                                    "--json", "-c", str(assets / "small.pth"), "-t", "1", "-k", "1", "-q"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        processes.append(process)
+        out, err = process.communicate(listing if source == "-" else b"", timeout=60)
+        err = err.decode()
+        assert process.returncode == 4 and "Traceback" not in err, err
+        _check_results(_json_lines(out), err, paths + entries)
+
+
+def test_image_paths_never_raises_and_never_opens(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "x.jpg").write_bytes(b"")
+    (tmp_path / "linked_dir.jpg").symlink_to(tmp_path, target_is_directory=True)  # a directory: not descended
+    too_long = str(tmp_path / ("y" * 300 + ".png"))
+    under_a_file = str(tmp_path / "x.jpg" / "z.jpg")
+    assert streams.image_paths(too_long) == [(too_long, f"{too_long}: name too long for the file system (usually at "
+                                                        "most 255 bytes per file name, 4096 per path); check the path")]
+    assert "is a file, not a directory" in streams.image_paths(under_a_file)[0].problem
+    entries = streams.image_paths(tmp_path, True)
+    assert [entry.path for entry in entries] == [str(tmp_path / name) for name in ("loop.jpg", "pipe.jpg", "x.jpg")]
+    assert "too many levels of symbolic links" in entries[0].problem
+    assert entries[1].problem == f"{tmp_path / 'pipe.jpg'}: a FIFO (named pipe), not a regular file; give the path of a file"
+    assert entries[2].problem is None  # an empty file is the classifier's to report
+    deep = bottom = tmp_path / "deep"
+    for _ in range(600):
+        bottom.mkdir()
+        bottom = bottom / "d"
+    (bottom.parent / "z.png").write_bytes(b"")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)  # a tree deeper than a recursive walk could go (pytest's cleanup still can)
+    try:
+        found = streams.image_paths(deep, True)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert len(found) == 1 and found[0] == (str(bottom.parent / "z.png"), None)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -13,6 +13,8 @@ Layers, each importing only those below it (tests/test_layering.py checks this):
   streams                                              video sources, the latest-frame loop, path streams
   cli, batcher                                         what the command-line front ends share; the
                                                        worker thread that batches requests for a server
+  access, connections, uploads                         the HTTP server's Host/Origin/token checks,
+                                                       connection limits (uvicorn) and upload reading
   infer_rpi, main, models_mamba, server                front ends, upstream's compatibility module, the
                                                        HTTP app (FastAPI: optional, imported only there)
   serve_rpi                                            the HTTP server's command line (uvicorn)

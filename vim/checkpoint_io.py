@@ -14,19 +14,21 @@ model's parameters (`load_state_dict(assign=True)`), so with a model built on th
 """
 
 import argparse
+import io
 import math
 import operator
 import os
 import pickle
-import re
-import tempfile
+import pickletools
+import warnings
 import zipfile
 
 import torch
 import torch.nn.functional as F
 
+from vim_rpi import paths
 from vim_rpi.errors import CheckpointError, DamagedCheckpointError
-from vim_rpi.hub import publish_temp_file
+from vim_rpi.temp_files import make_temp_file
 
 __all__ = ["CheckpointError", "read_checkpoint", "extract_state_dict", "read_state_dict", "infer_architecture",
            "checkpoint_filter_fn", "load_into", "model_record", "save_checkpoint", "save_weights"]
@@ -36,36 +38,88 @@ _CONTAINER_KEYS = ("model", "model_ema", "state_dict")
 
 
 def read_checkpoint(path, *, trust_pickle=False):
-    """torch.load the file at `path` on the CPU, memory-mapped when the format allows it."""
+    """torch.load the file at `path` on the CPU, memory-mapped when the format allows it.
+
+    Tensors and plain data load with weights_only=True; a file that holds more (a class, a
+    function: code that unpickling would run) loads only with `trust_pickle`.
+    Raises:
+        CheckpointError: no regular file at `path` (the message says why); a file holding more
+            than tensors and plain data without `trust_pickle` (the message names the globals it
+            refers to); a trusted file whose unpickling failed.
+        DamagedCheckpointError: not a readable checkpoint (truncated, corrupted, another kind of
+            file), whatever `trust_pickle` says.
+    """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    problem = paths.file_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint not found: {path}" if paths.is_missing(path) else f"checkpoint {problem}")
     mmap = zipfile.is_zipfile(path)  # torch's legacy (non-zip) format cannot be memory-mapped
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        # torch warns that its safe loader may not read a pickle of protocol 4 or later: the
+        # refusal below says so in its one line
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # torch.serialization or its unpickler
+        try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # not a refused object: the file itself is broken
-            raise DamagedCheckpointError(f"{path} is not a readable PyTorch checkpoint (the pickle stream is "
-                                         f"damaged or not a checkpoint)") from None
-        if not trust_pickle:
-            found = re.search(r"GLOBAL (\S+)", str(err))
-            raise CheckpointError(
-                f"{path} holds Python objects beyond tensors and plain data (it refers to "
-                f"{found.group(1) if found else 'an unknown global'}), which could run code when loaded. It was not "
-                f"loaded. If you trust where the file came from, pass "
-                f"--trust-checkpoint (trust_pickle=True).") from None
-    except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
-        raise DamagedCheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                                     f"{detail})") from None
+        except pickle.UnpicklingError:
+            # torch raises this one type for a refused global, for an opcode its safe loader does
+            # not read and for a damaged stream alike, with wordings that change between releases:
+            # the pickle itself tells them apart.
+            refused = _refused_content(path, mmap)
+        except Exception as err:
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+            raise DamagedCheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                                         f"{detail})") from None
+    if refused is None:
+        raise DamagedCheckpointError(f"{path} is not a readable PyTorch checkpoint (the pickle stream is damaged or "
+                                     f"not a checkpoint)")
+    if not trust_pickle:
+        raise CheckpointError(f"{path} holds Python objects beyond tensors and plain data ({refused}), which could run "
+                              f"code when loaded. It was not loaded. If you trust where the file came from, pass "
+                              f"--trust-checkpoint (trust_pickle=True).")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         raise CheckpointError(f"{path} could not be loaded even as a trusted pickle ({type(err).__name__}: {err})") \
             from None
+
+
+# A legacy (non-zip) file is a run of pickles: magic number, protocol version, system info, the
+# object, its storage keys; the raw storage bytes follow.
+_LEGACY_PICKLES = 5
+
+
+def _refused_content(path, is_zip):
+    """What torch's safe loader refused in the checkpoint at `path` ("it refers to
+    module.Class, ..."), or None when its pickle stream is damaged. Called inside the safe-globals context of the load,
+    so the globals allowed there are not named.
+
+    The stream is walked with pickletools, which decodes opcodes and runs nothing: a stream that
+    parses to its end is whole, and what was refused is then code: the globals torch names with
+    its public get_unsafe_globals_in_checkpoint, which reads the zip format's pickles of protocol
+    2 and 3 (torch.save's default); other files are refused without the names.
+    """
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as archive:
+                record = next(name for name in archive.namelist() if name.rsplit("/", 1)[-1] == "data.pkl")
+                pickles, count = io.BytesIO(archive.read(record)), 1
+        else:
+            pickles, count = open(path, "rb"), _LEGACY_PICKLES
+        with pickles:
+            for _ in range(count):
+                for _ in pickletools.genops(pickles):
+                    pass
+    except Exception:  # a truncated or mangled stream, a zip without data.pkl
+        return None
+    try:
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # the legacy format, or opcodes torch's scan does not read either
+        names = []
+    if not names:
+        return ("content torch's safe loader refuses; what it refers to is not listed for a file of the legacy "
+                "format or of pickle protocol 4 or later")
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"it refers to {shown}"
 
 
 def _strip_prefixes(state_dict):
@@ -229,14 +283,14 @@ def model_record(model):
 def _atomic_save(obj, path):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    fd, tmp = make_temp_file(directory, prefix=".tmp-", suffix=".pth")
     os.close(fd)
     try:
         try:
             torch.save(obj, tmp)
         except RuntimeError as exc:  # torch's zip writer reports a full disk this way
             raise OSError(f"cannot write {path}: {exc}") from None
-        publish_temp_file(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise

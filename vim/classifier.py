@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from causal_conv1d import backends
+import mamba_ssm
 from mamba_ssm.modules.mamba_simple import build_inference_constants
 from vim_rpi import factory, image_budget, image_preprocess, imagenet_labels, quantization, registry, runtime
 from vim_rpi.errors import ConfigError
@@ -62,7 +62,7 @@ class Classifier:
             out from its header before decoding (`vim_rpi.image_budget`); a larger image raises
             ImageTooLargeError.
         backend: kernel backend ("auto", "ref", "torch", "numba", "cuda"; see
-            `causal_conv1d.backends`), applied to every forward of this classifier.
+            `mamba_ssm.set_backend`): the model's kernels, chosen once at load.
         device: "cpu", or "cuda" where a CUDA build of torch finds a GPU.
         ema: use a training checkpoint's EMA weights.
         trust_checkpoint: allow a checkpoint to unpickle arbitrary objects (can run code).
@@ -87,7 +87,11 @@ class Classifier:
         start = time.perf_counter()
         net, info = factory.load_model(checkpoint, model, ema=ema, trust_pickle=trust_checkpoint,
                                        input_size=input_size, progress=progress)
-        self.model = quantization.quantize_model(net, quantize).to(self.device)
+        self.model = quantization.quantize_model(net, quantize).to(self.device)  # .to(): kernels for the device
+        try:
+            self.model.set_backend(backend)  # the kernels every forward runs, chosen now
+        except RuntimeError as error:
+            raise ConfigError(str(error)) from None
         build_inference_constants(self.model)  # now, not in the first forward
         self.load_ms = _ms_since(start)
         self.model_name, self.checkpoint = info["model"], info["checkpoint"]
@@ -126,7 +130,7 @@ class Classifier:
 
     def logits(self, batch):
         """batch (B, 3, S, S) -> logits (B, num_classes), float32 on the CPU."""
-        with torch.inference_mode(), backends.use_backend(self.backend):
+        with torch.inference_mode():
             return self.model(batch.to(self.device)).float().cpu()
 
     def predict(self, batch, topk=None):
@@ -170,9 +174,8 @@ class Classifier:
                 "load_ms": self.load_ms}
 
     def backend_report(self):
-        """Which kernels this classifier's forwards use (see `causal_conv1d.backends.backend_report`)."""
-        with backends.use_backend(self.backend):
-            return backends.backend_report(torch.empty(0, device=self.device))
+        """Which kernels this classifier's forwards run: the model's (`mamba_ssm.kernel_report`)."""
+        return mamba_ssm.kernel_report(self.model)
 
 
 def _check_options(model, threads, quantize, input_size, max_image_mb, backend, device):

@@ -4,7 +4,8 @@ convention, logging and stdout set-up.
 Exit codes: 0 success, 1 failed (training), 2 usage error (argparse's), 3 checkpoint could not be
 fetched or loaded, 4 input data failed (some images, the dataset, or a video source), 130
 interrupted (a stream that Ctrl-C ends is not: infer_rpi.py treats it as the end of its input).
-Predictable problems end with one line on stderr, never a traceback.
+Predictable problems end with one line on stderr, never a traceback; a closed stdout (| head)
+ends a front end quietly with status 0.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import os
 import sys
 
 from causal_conv1d import backends
+from mamba_ssm import env
 from vim_rpi import image_budget, registry
 from vim_rpi.errors import (CheckpointError, ConfigError, DatasetError, DownloadError, ImageError, SampleError,
                             SourceError, TrainingError)
@@ -29,8 +31,8 @@ _STATUS = ((ConfigError, EXIT_USAGE), (CheckpointError, EXIT_CHECKPOINT), (Downl
 
 EXIT_CODES_HELP = f"""\
 exit status:
-  {EXIT_OK} success, {EXIT_FAILED} failed (training), {EXIT_USAGE} usage error, {EXIT_CHECKPOINT} checkpoint could not be \
-fetched or loaded,
+  {EXIT_OK} success (also when the reader of stdout stops early, | head), {EXIT_FAILED} failed (training),
+  {EXIT_USAGE} usage error, {EXIT_CHECKPOINT} checkpoint could not be fetched or loaded,
   {EXIT_DATA} input data failed (some images, or the dataset: the others are still processed; a video source),
   {EXIT_INTERRUPTED} interrupted (except a stream, which Ctrl-C ends like the end of its input).
 """
@@ -100,8 +102,8 @@ def add_runtime_arguments(parser):
     parser.add_argument("--device", default="cpu", metavar="DEV",
                         help="cpu, or cuda where a CUDA build of torch finds a GPU [%(default)s]")
     parser.add_argument("--backend", choices=backends.BACKENDS, default="auto",
-                        help="kernel backend: auto picks per call (upstream's CUDA kernels for CUDA "
-                             "tensors, numba or torch on the CPU) [%(default)s]")
+                        help="kernel backend: auto picks the model's kernels at load (upstream's CUDA "
+                             "kernels for a CUDA device, numba or torch on the CPU) [%(default)s]")
 
 
 def check_environment(parser, args):
@@ -110,7 +112,7 @@ def check_environment(parser, args):
     try:
         if getattr(args, "model", None) is not None:
             registry.resolve_model_name(args.model)
-        backends.cpu_scan_setting()
+        env.cpu_backend()
     except ValueError as error:
         parser.error(str(error))
     for flag in ("threads", "input_size"):
@@ -120,11 +122,32 @@ def check_environment(parser, args):
             parser.error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+class _HubRecords(logging.Filter):
+    """huggingface_hub's records on stderr: its retry loop logs two warnings per retry (the failed
+    request, then the wait before the next): the wait is kept, one line per retry (the final error
+    names the failure); under -q only its errors."""
+
+    def __init__(self, quiet):
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record):
+        if not (record.name == "huggingface_hub" or record.name.startswith("huggingface_hub.")):
+            return True
+        if record.levelno >= logging.ERROR:
+            return True
+        return not self.quiet and "thrown while requesting" not in record.getMessage()
+
+
 def setup(quiet, rank=0):
-    """Logging to stderr (info unless quiet; other ranks of a distributed job: errors only), and
-    stdout that prints what its encoding cannot hold (a non-UTF-8 file name) backslash-escaped."""
+    """Logging to stderr (info unless quiet; other ranks of a distributed job: errors only;
+    huggingface_hub: see _HubRecords), and stdout that prints what its encoding cannot hold (a
+    non-UTF-8 file name) backslash-escaped."""
     level = logging.ERROR if rank else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_HubRecords(quiet or rank))
+    logging.basicConfig(level=level, handlers=[handler])
     for client in ("httpx", "httpx2"):  # huggingface_hub's HTTP client logs every request at info level
         logging.getLogger(client).setLevel(max(level, logging.WARNING))
     if hasattr(sys.stdout, "reconfigure"):
@@ -141,9 +164,19 @@ def exit_status(error):
 
 def run(parser, work, *, prefix=lambda: "error"):
     """Call `work()` and return its exit status; our errors become one line on stderr, after
-    `prefix()`, and their exit code (a ConfigError is a usage error: argparse's message, exit 2)."""
+    `prefix()`, and their exit code (a ConfigError is a usage error: argparse's message, exit 2).
+    A reader of stdout that went away (| head) ends it quietly with status 0, whatever the
+    output mode: the reader stopped because it had what it wanted."""
     try:
-        return work()
+        status = work()
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        return status
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would fail the same way: the rest goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
     except ConfigError as error:
         parser.error(str(error))
     except (CheckpointError, DownloadError, ImageError, DatasetError, SampleError, SourceError,

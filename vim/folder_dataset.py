@@ -13,12 +13,13 @@ pixels as `infer_rpi.py`.
 """
 import math
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vim_rpi import image_preprocess
+from vim_rpi import image_preprocess, paths
 from vim_rpi.errors import DatasetError, SampleError
 
 __all__ = [
@@ -37,11 +38,12 @@ def split_dir(data_path, split):
     Upstream expects ``DIR/train`` and ``DIR/val``; a plain ``DIR/<class>/...`` tree works too.
     """
     root = Path(data_path)
-    if not root.is_dir():
-        what = "is not a directory" if root.exists() else "not found"
-        raise DatasetError(f"data directory {what}: {root} (pass --data-path DIR, a folder with "
-                           f"one sub-folder per class, or with train/ and val/ inside)")
-    return root / split if (root / split).is_dir() else root
+    problem, mode = paths.stat_path(root)
+    if problem or not stat.S_ISDIR(mode):
+        raise DatasetError(f"{problem or f'{root}: not a directory'}; --data-path takes a folder with one "
+                           f"sub-folder per class, or with train/ and val/ inside")
+    _, split_mode = paths.stat_path(root / split)
+    return root / split if split_mode is not None and stat.S_ISDIR(split_mode) else root
 
 
 def find_classes(root):

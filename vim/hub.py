@@ -29,21 +29,21 @@ case on a Pi after the first run, do not pay for its import.
 """
 
 import http.client
+import logging
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from vim_rpi import registry
+from vim_rpi import paths, registry
 from vim_rpi.errors import DownloadError
 from vim_rpi.progress import progress_bar
+from vim_rpi.temp_files import make_temp_file
 
-__all__ = ["HUB_PREFIX", "DownloadError", "default_cache_dir", "hub_reference", "is_remote", "fetch_checkpoint",
-           "publish_temp_file"]
+__all__ = ["HUB_PREFIX", "DownloadError", "default_cache_dir", "hub_reference", "is_remote", "fetch_checkpoint"]
 
 HUB_PREFIX = "hf-hub:"
 CACHE_ENV = "VIM_RPI_CACHE"
@@ -84,8 +84,8 @@ def fetch_checkpoint(spec, *, progress=True, refetch=False, cache_dir=None) -> P
             for a cached download that turned out to be damaged.
         cache_dir: where URLs are cached; default `default_cache_dir()`.
     Raises:
-        DownloadError: the path does not exist or is not a file, or the download failed; the
-        message says what to do.
+        DownloadError: the path does not exist or is not a regular file (or cannot be looked
+        at: too long, no permission), or the download failed; the message says what to do.
     """
     spec = os.fspath(spec)
     if spec.startswith(HUB_PREFIX):
@@ -95,10 +95,9 @@ def fetch_checkpoint(spec, *, progress=True, refetch=False, cache_dir=None) -> P
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         return _cached_download(spec, cache, progress, refetch)
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise DownloadError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise DownloadError(f"checkpoint is not a file: {path}")
+    problem = paths.file_problem(path)
+    if problem is not None:
+        raise DownloadError(f"checkpoint not found: {path}" if paths.is_missing(path) else f"checkpoint {problem}")
     return path
 
 
@@ -119,7 +118,7 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
     # Only the released files were ever cached under their bare names by earlier versions: a file
     # of another repository with the same name must not be taken for them.
     legacy = default_cache_dir() / os.path.basename(filename)
-    if (repo_id, filename) in RELEASED_FILES and legacy.is_file():
+    if (repo_id, filename) in RELEASED_FILES and os.path.isfile(legacy):  # False, not an error, when it cannot be told
         if not refetch:
             return legacy
         legacy.unlink()  # damaged: a fresh copy goes to the Hub cache like every new download
@@ -127,6 +126,8 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    _leave_hub_logging_to_the_application()
 
     what = f"{filename} of {repo_id}"
     endpoint = constants.ENDPOINT
@@ -160,6 +161,20 @@ def _fetch_from_hub(repo_id: str, filename: str, progress: bool, refetch: bool) 
     except Exception as err:  # the HTTP client's own errors (httpx or httpx2, by version), disk errors
         raise DownloadError(f"download of {what} from {endpoint} failed ({_root_cause(err)}); run again to "
                             f"retry, or {advice}") from None
+
+
+def _leave_hub_logging_to_the_application():
+    """huggingface_hub gives its logger a stderr handler of its own when it is imported, so in a
+    program that configures logging (our front ends do) each of its records, such as the warnings
+    of every retry, is printed twice. Without that handler its records go to the program's
+    handlers, or to Python's last-resort handler (warnings and above) in a program that configures
+    none: once either way."""
+    from huggingface_hub.utils import logging as hub_logging  # adds that handler when first imported
+
+    logger = hub_logging.get_logger()  # the library's root logger, "huggingface_hub"
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler:  # the one it adds; a FileHandler or the like is someone's choice
+            logger.removeHandler(handler)
 
 
 def _http_error(err, what: str, repo_id: str, endpoint: str, advice: str) -> DownloadError:
@@ -200,7 +215,7 @@ def _cached_download(url: str, cache: Path, progress: bool, refetch: bool) -> Pa
     dest = cache / name
     if refetch:
         dest.unlink(missing_ok=True)
-    if not dest.is_file():
+    if not os.path.isfile(dest):  # a cache that cannot be looked into: download, and say so if it cannot be written
         _download(url, dest, progress)
     return dest
 
@@ -211,7 +226,7 @@ def _download(url: str, dest: Path, progress: bool):
     with response:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+            fd, tmp = make_temp_file(dest.parent, prefix=f".{dest.name}.", suffix=".part")
         except OSError as e:
             raise DownloadError(
                 f"cannot write to the checkpoint cache {dest.parent} ({e.strerror or e}); "
@@ -221,7 +236,7 @@ def _download(url: str, dest: Path, progress: bool):
             with os.fdopen(fd, "wb") as out:
                 _receive(response, out, url, dest.name if progress else None)
             _check_looks_like_checkpoint(tmp, url)
-            publish_temp_file(tmp, dest)
+            os.replace(tmp, dest)
         except OSError as e:  # read errors are DownloadErrors already, so this is the disk
             Path(tmp).unlink(missing_ok=True)
             raise DownloadError(f"cannot write the checkpoint to {dest.parent}: {e.strerror or e}") from e
@@ -310,15 +325,6 @@ def _resumed_from(response):
         return 0
     match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
     return int(match.group(1)) if match else None
-
-
-def publish_temp_file(tmp, dest):
-    """Rename the finished temporary file `tmp` to `dest`, first giving it the permissions a
-    newly created file gets (mkstemp makes 0600: a checkpoint should read like any file)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, dest)
 
 
 # torch.save writes a zip archive; files from torch < 1.6 start with a pickle protocol opcode.

@@ -28,14 +28,13 @@ import functools
 import io
 import math
 import os
-import pathlib
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vim_rpi import image_budget
+from vim_rpi import image_budget, paths
 from vim_rpi.errors import ImageError, ImageTooLargeError
 from vim_rpi.image_budget import DEFAULT_MAX_IMAGE_MB, MB
 from vim_rpi.registry import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -119,12 +118,26 @@ def _open(path, draft_size, budget_mb, fit) -> Image.Image:
         if not len(path):
             raise ImageError("image: empty (no bytes)")
         return _decode(lambda: io.BytesIO(path), "image", draft_size, budget_mb, fit)
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory, not an image file")
-    return _decode(lambda: open(path, "rb"), str(path), draft_size, budget_mb, fit)
+    problem = paths.file_problem(path)
+    if problem:
+        raise ImageError(problem)
+    return _decode(lambda: _open_regular(path), os.fspath(path), draft_size, budget_mb, fit)
+
+
+def _open_regular(path):
+    """The file at `path` opened for reading, if it is still a regular file: opened without
+    blocking (a FIFO put there since the check would wait for a writer) and checked again on the
+    open descriptor."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        problem = paths.not_regular(path, os.fstat(fd).st_mode)
+        if problem:
+            raise ImageError(problem)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _decode(open_file, name: str, draft_size, budget_mb, fit) -> Image.Image:

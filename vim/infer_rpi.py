@@ -56,8 +56,8 @@ output:
     that arrive while it is busy are skipped, never queued. SOURCE is a video file (replayed at
     its frame rate), a camera index (0 = /dev/video0) or device path (/dev/v4l/by-id/...),
     through OpenCV, or picam (the Pi camera module, through picamera2). Ends at the end of a
-    file, after --max-frames, on Ctrl-C (status 0), or when the camera goes away (one line,
-    status {cli.EXIT_DATA}).
+    file, after --max-frames, on Ctrl-C (status 0), or when the camera goes away or a file is
+    damaged, cut short or holds no frame (one line, status {cli.EXIT_DATA}).
   --paths-from FILE|-: image paths, one per line, each classified as it arrives; text blocks,
     or with --json JSON Lines {{"image", "topk", "timing_ms"}} or {{"image", "error"}}.
     Ctrl-C ends it like the end of the input (status 0, or {cli.EXIT_DATA} if a path failed).
@@ -180,22 +180,26 @@ def classify_path(clf: Classifier, image, topk: int) -> dict:
     try:
         prediction = clf.classify(image, topk)
     except ImageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return {"image": image, "error": str(e)}
+        return failed(image, str(e))
     return {"image": image, "topk": prediction.topk, "timing_ms": prediction.timing_ms}
+
+
+def failed(image, message: str) -> dict:
+    """The result of an image that could not be classified; its message also goes to stderr."""
+    print(f"error: {message}", file=sys.stderr)
+    return {"image": image, "error": message}
 
 
 def classify_paths(clf: Classifier, paths, topk: int, recursive: bool):
     """Yield the result of each image the paths name (a directory: its images, sorted; one error
-    result when it holds none)."""
+    result when it holds none). A path that cannot be read (missing, no permission, a FIFO...)
+    is one error result, and the paths after it are still classified."""
     for path in paths:
-        images = streams.image_paths(path, recursive)
-        if not images:
-            message = f"{path}: no image files in this directory" + ("" if recursive else " (--recursive descends)")
-            print(f"error: {message}", file=sys.stderr)
-            yield {"image": path, "error": message}
-        for image in images:
-            yield classify_path(clf, image, topk)
+        entries = streams.image_paths(path, recursive)
+        if not entries:
+            yield failed(path, f"{path}: no image files in this directory" + ("" if recursive else " (--recursive descends)"))
+        for entry in entries:
+            yield failed(entry.path, entry.problem) if entry.problem else classify_path(clf, entry.path, topk)
 
 
 def run(args) -> tuple:
@@ -236,6 +240,9 @@ def _ready(clf: Classifier) -> None:
 
 def run_video(args) -> int:
     """--video: classify the newest frame whenever the model is free; one line per frame."""
+    # FFmpeg, inside OpenCV, would print lines of its own about a damaged or unknown file; the
+    # SourceError says what happened in one. OPENCV_FFMPEG_LOGLEVEL=16 shows them again.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     # before the slow load: a missing camera fails at once
     source = streams.open_video(args.video, picam_fps=args.picam_fps, picam_mode=args.picam_mode)
     try:
@@ -330,11 +337,7 @@ def main(argv=None) -> int:
 
     def work():
         if args.video is not None or args.paths_from is not None:
-            try:
-                return run_video(args) if args.video is not None else run_paths(args)
-            except BrokenPipeError:  # the reader of stdout is gone (| head): the stream has no one to serve
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                return cli.EXIT_OK
+            return run_video(args) if args.video is not None else run_paths(args)
         report, status = run(args)
         if args.json:
             print(json.dumps(report, indent=2))

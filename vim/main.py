@@ -33,7 +33,6 @@ try:
     import torch
     import torch.distributed as dist
 
-    from causal_conv1d.backends import use_backend
     from vim_rpi import checkpoint_io, cli, engine, factory, folder_dataset, hub, image_preprocess, runtime
     from vim_rpi.classifier import Classifier
     from vim_rpi.errors import CheckpointError, ConfigError, DatasetError, DownloadError, TrainingError
@@ -363,6 +362,7 @@ def prepare_training(args, device) -> TrainingRun:
     train_set, val_set, augmentation = training_datasets(args.data_path, model, info["input_size"])
     adapt_head(model, info, len(train_set.classes), resuming=state is not None)
     model.to(device)
+    model.set_backend(args.backend)  # checked by runtime.check_backend before anything was loaded
     model_ema = engine.ModelEma(model, args.model_ema_decay) if args.model_ema else None
     optimizer = torch.optim.AdamW(engine.param_groups_weight_decay(model, args.weight_decay),
                                   lr=args.lr)
@@ -488,8 +488,7 @@ def main(argv=None) -> int:
         else:
             device = runtime.check_device(args.device)
             runtime.check_backend(args.backend, device)
-            with use_backend(args.backend):
-                report = train(args, device)
+            report = train(args, device)
         if rank == 0:
             print(json.dumps(report, indent=2) if args.json else format_report(report))
         return cli.EXIT_OK

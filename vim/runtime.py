@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from causal_conv1d import backends
+from mamba_ssm.ops.kernel_sets import resolve_kernels
 from vim_rpi.errors import ConfigError
 
 __all__ = ["set_threads", "tune_malloc", "peak_rss_mb", "check_device", "check_backend"]
@@ -98,15 +98,12 @@ def check_device(name) -> torch.device:
 
 
 def check_backend(backend, device) -> None:
-    """A ConfigError unless kernel backend `backend` can run on `device` here (an unknown name, an
-    unavailable extension or numba, a CUDA backend for CPU tensors, a bad
-    SELECTIVE_SCAN_CPU_BACKEND). Loads the numba kernels when they will be used."""
-    if backend not in backends.BACKENDS:
-        raise ConfigError(f"--backend: unknown backend {backend!r}; valid backends: {', '.join(backends.BACKENDS)}")
-    probe = torch.empty(0, device=device)
+    """A ConfigError unless kernel backend `backend` can run a float32 Vim model's inference kernels
+    on `device` here (an unknown name, an unavailable extension or numba, a CUDA backend for the
+    CPU, a bad SELECTIVE_SCAN_CPU_BACKEND): the check a front end makes before loading anything;
+    the model's own `set_backend` decides with the same resolver. Loads the numba kernels when
+    they will be used."""
     try:
-        with backends.use_backend(backend):
-            for family in backends.FAMILIES:
-                backends.resolve(family, probe)
+        resolve_kernels(backend, torch.device(device).type, torch.float32, mode="inference", needs=("mixer", "norm"))
     except (RuntimeError, ValueError) as error:
         raise ConfigError(str(error)) from None

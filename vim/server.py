@@ -4,22 +4,24 @@
     uvicorn.run(app)                   # what vim/serve_rpi.py does, with its options
 
 Endpoints: POST /v1/classify (the image as the raw body or as the multipart field "image";
-?topk=5), GET /v1/info, GET /healthz, GET /readyz, GET / (the page), GET /docs (the API's
-endpoints, read from GET /openapi.json). The model is loaded once, in the batcher's worker
-thread, when the app starts; /readyz answers 503 until it is warm.
+?topk=5), GET /v1/info, GET|HEAD /healthz, GET|HEAD /readyz, GET / (the page), GET /docs (the
+API's endpoints, read from GET /openapi.json), GET /favicon.ico. The model is loaded once, in the
+batcher's worker thread, when the app starts; /readyz answers 503 until it is warm.
 
 Routes only translate HTTP to batcher calls and results to JSON. Every answer that is not a
-success is JSON {"error": "..."}: a client's mistake gets a 4xx, an overloaded or loading server
-503 with Retry-After, and nothing the client sends can cause a 5xx. Uploads are read into memory
-only (never to disk) and refused past the size limit while streaming. Only this module and
-serve_rpi.py import the web framework; it is an optional dependency
+success is JSON {"error": "..."}: a client's mistake gets a 4xx, an overloaded, loading or
+stopping server 503 with Retry-After, and nothing the client sends can cause a 5xx. What a
+request may hold is bounded before the work starts: an upload slot (`uploads`) from its first
+body byte until its image is decoded, its body in one buffer of at most `max_upload_mb`, and a
+place in the batcher's queue. Uploads stay in memory, never on disk. Host, Origin and the token
+are checked by `vim_rpi.access`, uploads read by `vim_rpi.uploads`. Only these, `connections`
+and serve_rpi.py import the web framework; it is an optional dependency
 (scripts/requirements-serve.txt).
 """
 
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
 import pathlib
 import time
@@ -27,26 +29,26 @@ from typing import Callable, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
 import vim_rpi
+from vim_rpi.access import HostAndOrigin, host_names, token_matches
 from vim_rpi.batcher import Batcher, NotReady, QueueFull, ShuttingDown
 from vim_rpi.classifier import Classifier
-from vim_rpi.errors import ConfigError, ImageError
+from vim_rpi.errors import ConfigError, ImageError, ImageTooLargeError
+from vim_rpi.uploads import IMAGE_FIELD, UploadError, UploadSlots, read_image
 
 __all__ = ["Settings", "create_app"]
 
 _log = logging.getLogger("vim_rpi.serve")
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
-IMAGE_FIELD = "image"  # the multipart form field that carries the image
 _RETRY_AFTER_FULL_S = 1  # a full queue drains within a few forwards
-_RETRY_AFTER_LOADING_S = 5  # loading takes seconds on a Pi
+_RETRY_AFTER_LOADING_S = 5  # loading takes seconds on a Pi; so does a restart
 
 
 @dataclasses.dataclass
@@ -55,19 +57,30 @@ class Settings:
 
     classifier_options: keyword arguments of `vim_rpi.Classifier` (checkpoint, model, threads, ...).
     token: if set, /v1/* requires "Authorization: Bearer <token>".
-    queue: most requests in the server at once besides the running forward (uploading, decoding,
-        waiting for the model); more get 503. max_batch: most run in one forward.
+    host: the address the server listens on; with allowed_hosts, the Host names it answers to
+        (`vim_rpi.access.host_names`). allowed_origins: other sites' pages that may use the API.
+    queue: most requests waiting for the model at once (to be decoded, being decoded, or
+        decoded); more get 503. max_batch: most run in one forward. decoders: decoding threads.
+    uploads: most requests holding upload bytes at once, from their first body byte until their
+        image is decoded; more get 503. Memory for bodies: at most uploads x max_upload_mb.
     max_upload_mb: larger request bodies get 413 (refused while streaming, never buffered whole).
-    upload_timeout_s: an upload that takes longer gets 408 and gives its place in the queue back.
-    grace_s: on shutdown, how long queued requests may still take.
+    upload_idle_s: an upload that sends nothing for this long gets 408; upload_timeout_s: one
+        that takes longer in all gets 408.
+    grace_s: on shutdown, how long queued requests may still take; the rest get 503.
     on_load_error: called with the exception when the model cannot be loaded.
     """
 
     classifier_options: dict = dataclasses.field(default_factory=dict)
     token: Optional[str] = None
+    host: str = "127.0.0.1"
+    allowed_hosts: list = dataclasses.field(default_factory=list)
+    allowed_origins: list = dataclasses.field(default_factory=list)
     queue: int = 16
     max_batch: int = 8
+    decoders: int = 2
+    uploads: int = 8
     max_upload_mb: float = 20.0
+    upload_idle_s: float = 10.0
     upload_timeout_s: float = 60.0
     grace_s: float = 10.0
     on_load_error: Optional[Callable[[BaseException], None]] = None
@@ -107,13 +120,22 @@ def _error(status, message, headers=None):
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _busy(message):
+    return ApiError(503, message, {"Retry-After": str(_RETRY_AFTER_FULL_S)})
+
+
+def _stopping(message):
+    return ApiError(503, message, {"Retry-After": str(_RETRY_AFTER_LOADING_S)})
+
+
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
-    (400, "empty body, malformed multipart, or no 'image' field"),
+    (400, "empty body, malformed multipart, no 'image' field, or a Host that is not this server's"),
     (401, "token required (Authorization: Bearer <token>)"),
-    (408, "upload slower than --upload-timeout-s"),
-    (413, "upload larger than --max-upload-mb"),
+    (403, "a cross-origin request (Origin) not allowed by --allowed-origins"),
+    (408, "upload idle longer than --upload-idle-s, or slower than --upload-timeout-s"),
+    (413, "upload larger than --max-upload-mb, or an image larger than the decoder's memory budget"),
     (422, "not a usable image (not an image, truncated, too many pixels), or topk out of range"),
-    (503, "model loading, queue full or shutting down; see Retry-After"),
+    (503, "model loading, queue or uploads full, or shutting down; see Retry-After"),
 )}
 
 _IMAGE_BODY = {"requestBody": {"required": True, "content": {
@@ -150,87 +172,22 @@ class _AccessLog:
                       (time.perf_counter() - start) * 1e3)
 
 
-class _ImageField:
-    """Collects the bytes of the multipart field named "image" while the body streams in."""
-
-    def __init__(self, boundary):
-        self.data, self.found = None, False
-        self._header_name, self._header_value, self._headers = b"", b"", {}
-        self._current = None  # list of chunks while inside the image part
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._part_begin, "on_header_field": self._field, "on_header_value": self._value,
-            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data, "on_part_end": self._part_end})
-
-    def write(self, chunk):
-        self._parser.write(chunk)
-
-    def finish(self):
-        self._parser.finalize()
-        return self.data
-
-    def _part_begin(self):
-        self._headers, self._current = {}, None
-
-    def _field(self, data, start, end):
-        self._header_name += data[start:end]
-
-    def _value(self, data, start, end):
-        self._header_value += data[start:end]
-
-    def _header_end(self):
-        self._headers[self._header_name.lower()] = self._header_value
-        self._header_name, self._header_value = b"", b""
-
-    def _headers_finished(self):
-        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if options.get(b"name") == IMAGE_FIELD.encode() and not self.found:
-            self._current = []
-
-    def _part_data(self, data, start, end):
-        if self._current is not None:
-            self._current.append(data[start:end])
-
-    def _part_end(self):
-        if self._current is not None:
-            self.data, self.found, self._current = b"".join(self._current), True, None
-
-
-async def _read_image(request, limit):
-    """The uploaded image's bytes: the raw body, or the multipart field "image". Refuses bodies
-    above `limit` bytes by Content-Length before reading, and by counting while streaming."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise ApiError(400, f"invalid Content-Length {length!r}")
-        if int(length) > limit:
-            raise ApiError(413, f"upload of {int(length)} bytes is above the limit of {limit} bytes")
-    content_type, options = parse_options_header(request.headers.get("content-type"))
-    multipart = content_type == b"multipart/form-data"
-    if multipart and not options.get(b"boundary"):
-        raise ApiError(400, "multipart/form-data without a boundary")
-    form = _ImageField(options[b"boundary"]) if multipart else None
-    chunks, total = [], 0
+async def _result(future, stopped, request):
+    """The result of a batcher future, unless the event `stopped` is set first (503: the
+    server's grace period is over) or the client disconnects (400, answered to no one). The
+    future is cancelled whatever ends the wait, so an abandoned image never reaches the model."""
+    result = asyncio.wrap_future(future)
+    watchers = [asyncio.ensure_future(stopped.wait()), asyncio.ensure_future(_until_disconnected(request))]
     try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise ApiError(413, f"upload is above the limit of {limit} bytes")
-            if form is not None:
-                form.write(chunk)
-            else:
-                chunks.append(chunk)
-        data = form.finish() if form is not None else b"".join(chunks)
-    except ClientDisconnect:
-        raise ApiError(400, "the client disconnected during the upload") from None
-    except ValueError as error:  # python_multipart's parse errors
-        raise ApiError(400, f"malformed multipart body: {error}") from None
-    if form is not None and not form.found:
-        raise ApiError(400, f"multipart upload without a file field named {IMAGE_FIELD!r}")
-    if not data:
-        raise ApiError(400, f"empty image: send the image as the request body or as the multipart field "
-                            f"{IMAGE_FIELD!r}")
-    return data
+        await asyncio.wait([result, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        if result.done():
+            return result.result()
+        if stopped.is_set():
+            raise _stopping("the server shut down before this request ran; retry when it is back")
+        raise ApiError(400, "the client disconnected before the answer")
+    finally:  # also when this task is cancelled
+        for task in (result, *watchers):
+            task.cancel()
 
 
 async def _until_disconnected(request):
@@ -239,41 +196,45 @@ async def _until_disconnected(request):
         pass
 
 
-async def _result_unless_disconnected(request, future):
-    """The result of a batcher future; if the client disconnects first, the future is cancelled
-    so its image never reaches the model (and the route answers to no one)."""
-    result = asyncio.wrap_future(future)
-    gone = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not result.done():
-            raise ApiError(400, "the client disconnected before the answer")
-        return result.result()
-    finally:  # also when this task is cancelled (e.g. shutdown's grace period ran out)
-        result.cancel()
-        gone.cancel()
-
-
 def create_app(settings: Settings) -> FastAPI:
     """The app: load the model when it starts (in the batcher's thread), serve, and on shutdown
-    let queued requests finish within `settings.grace_s`."""
+    let queued requests finish within `settings.grace_s`; `await app.state.drain()` starts that
+    early (serve_rpi.py does when shutdown begins, before uvicorn waits for the connections)."""
     batcher = Batcher(lambda: Classifier(**settings.classifier_options), queue_size=settings.queue,
-                      max_batch=settings.max_batch, on_load_error=settings.on_load_error)
+                      max_batch=settings.max_batch, decoders=settings.decoders, on_load_error=settings.on_load_error)
     limit = int(settings.max_upload_mb * 2**20)
-    uploading = 0  # classify requests reading their body (only the event loop's thread touches it)
+    slots = UploadSlots(settings.uploads)
+    stopped = asyncio.Event()  # the grace period is over: requests still waiting get 503
+    closing = None  # batcher.close running in a thread, once shutdown has begun
+
+    async def drain():
+        """Refuse new work, let queued requests finish within grace_s, then answer the rest 503."""
+        nonlocal closing
+        if closing is None:
+            closing = asyncio.get_running_loop().run_in_executor(None, batcher.close, settings.grace_s)
+        await asyncio.shield(closing)
+        stopped.set()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
         yield
-        await asyncio.get_running_loop().run_in_executor(None, batcher.close, settings.grace_s)
+        await drain()
+        await asyncio.get_running_loop().run_in_executor(None, batcher.join)  # answered; now let torch finish
 
     app = FastAPI(title="Vision Mamba (Vim) image classification", version=vim_rpi.__version__,
                   lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Classify images with a Vim model loaded once. Every error is JSON {\"error\"}.")
-    app.add_middleware(_AccessLog)
+    app.state.drain = drain
+    if settings.allowed_origins:  # let the browser read the answers to the pages allowed
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=["GET", "HEAD", "POST"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostAndOrigin, names=host_names(settings.host, settings.allowed_hosts),
+                       origins=settings.allowed_origins)
+    app.add_middleware(_AccessLog)  # added last: the outermost, so refusals are logged too
 
     @app.exception_handler(ApiError)
+    @app.exception_handler(UploadError)
     async def api_error(request, exc):
         return _error(exc.status, exc.message, exc.headers)
 
@@ -292,12 +253,9 @@ def create_app(settings: Settings) -> FastAPI:
         _log.error("unexpected %s: %s", type(exc).__name__, exc)
         return _error(500, "internal server error")
 
-    def require_token(request: Request):
-        """Dependency of /v1/*: the bearer token, compared in constant time, when one is set."""
-        if not settings.token:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
+    async def require_token(request: Request):  # async: a plain function would take a worker thread per request
+        """Dependency of /v1/*: the bearer token, when one is set."""
+        if settings.token and not token_matches(request.headers.get("authorization"), settings.token):
             raise ApiError(401, "missing or wrong token: send the header Authorization: Bearer <token>",
                            {"WWW-Authenticate": "Bearer"})
 
@@ -309,48 +267,54 @@ def create_app(settings: Settings) -> FastAPI:
     def classifier():
         """The loaded Classifier, or 503 while loading or shutting down."""
         if not batcher.ready:
-            raise ApiError(503, not_ready_message(), {"Retry-After": str(_RETRY_AFTER_LOADING_S)})
+            raise _stopping(not_ready_message())
         return batcher.classifier
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 
     @v1.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
-    async def classify(request: Request, topk: Optional[int] = Query(
-            None, description="how many classes to return [5, or every class of a smaller head]")):
+    async def classify(request: Request, topk: int = Query(
+            5, description="how many classes to return (a head of fewer classes: all of them)")):
         """Classify one image: the raw request body, or the multipart form field "image"."""
-        nonlocal uploading
         clf = classifier()
         try:
-            topk = clf.check_topk(topk)
+            topk = clf.check_topk(topk if "topk" in request.query_params else None)
         except ConfigError as error:
             raise ApiError(422, str(error).replace("--topk", "topk")) from None
-        # Uploads in progress count against the queue too, so memory stays below queue x upload limit;
-        # a full queue is refused before the upload is read.
-        if batcher.waiting + uploading >= batcher.queue_size:
-            raise ApiError(503, "the queue is full; retry shortly", {"Retry-After": str(_RETRY_AFTER_FULL_S)})
-        uploading += 1
+        if batcher.waiting >= batcher.queue_size:  # refused before its upload is read
+            raise _busy("the queue is full; retry shortly")
+        claim = slots.claim()
         try:
-            data = await asyncio.wait_for(_read_image(request, limit), settings.upload_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(408, f"the upload took longer than {settings.upload_timeout_s:g} s") from None
-        finally:
-            uploading -= 1
-        try:
-            prediction = await _result_unless_disconnected(request, batcher.submit(data, topk))
+            data = await read_image(request, limit=limit, idle_s=settings.upload_idle_s,
+                                    total_s=settings.upload_timeout_s, stopped=stopped, claim=claim)
+            future = batcher.submit(data, topk, on_release=claim.release)
         except QueueFull:
-            raise ApiError(503, "the queue is full; retry shortly", {"Retry-After": str(_RETRY_AFTER_FULL_S)}) from None
+            claim.release()
+            raise _busy("the queue is full; retry shortly") from None
         except (NotReady, ShuttingDown) as error:
-            raise ApiError(503, str(error), {"Retry-After": str(_RETRY_AFTER_LOADING_S)}) from None
+            claim.release()
+            raise _stopping(str(error)) from None
+        except BaseException:  # any other refusal, or this task cancelled
+            claim.release()
+            raise
+        del data  # the batcher holds the only reference now: it frees the bytes and the slot once decoded
+        try:
+            prediction = await _result(future, stopped, request)
+        except ImageTooLargeError as error:
+            raise ApiError(413, str(error)) from None
         except ImageError as error:
             raise ApiError(422, str(error)) from None
+        except ShuttingDown as error:
+            raise _stopping(f"{error}; retry when it is back") from None
         return {"model": clf.model_name, "topk": prediction.topk, "timing_ms": prediction.timing_ms}
 
     @v1.get("/info", responses={status: _ERRORS[status] for status in (401, 503)})
     async def info():
         """The loaded model and how it runs: model, checkpoint, threads, quantize, torch, backends;
-        and the server's queue."""
+        and the server's limits and load."""
         details = classifier().info()
         details["server"] = {"queue": batcher.queue_size, "waiting": batcher.waiting, "max_batch": batcher.max_batch,
+                             "decoders": batcher.decoders, "uploads": slots.size, "uploading": slots.in_use,
                              "max_upload_mb": settings.max_upload_mb, "token_required": bool(settings.token)}
         return details
 
@@ -368,6 +332,9 @@ def create_app(settings: Settings) -> FastAPI:
             return _error(503, not_ready_message(), {"Retry-After": str(_RETRY_AFTER_LOADING_S)})
         return {"status": "ready"}
 
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD: the same answer without its body
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html")
@@ -375,6 +342,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/docs", include_in_schema=False)
     async def docs():
         return FileResponse(STATIC / "docs.html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return FileResponse(STATIC / "favicon.ico")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -7,8 +7,10 @@ loop classifies whatever frame is newest when the model is free. A slow model th
 frames instead of building a backlog, and memory holds at most a few frames whatever the rates.
 A video file is replayed at its own frame rate, so it behaves like the camera that recorded it.
 
-Paths: `image_paths(path, recursive)` lists a directory's images, `read_paths(stream)` yields
-the paths in a byte stream (a file, stdin) line by line as they arrive.
+Paths: `image_paths(path, recursive)` lists the images a path names (a file, or a directory's
+images), each with the problem that keeps it from being read if any, without raising and without
+opening a file; `read_paths(stream)` yields the paths in a byte stream (a file, stdin) line by line
+as they arrive.
 
 OpenCV (files, camera indices and device paths) and picamera2 (the Pi camera module, read in a
 full-field sensor mode at a capped frame rate: `PiCameraSource`) are optional: each is imported
@@ -29,20 +31,24 @@ import stat
 import sys
 import threading
 import time
+import typing
 
 import numpy as np
 
+from vim_rpi import paths
 from vim_rpi.errors import ConfigError, SourceError, VimError
 from vim_rpi.folder_dataset import IMG_EXTENSIONS
 
 __all__ = ["Frame", "LatestFrame", "LatestFrameStream", "OpenCVSource", "PiCameraSource", "open_video",
-           "bgr_to_rgb", "image_paths", "read_paths", "picamera2_help", "choose_sensor_mode", "CAMERA_TIMEOUT_S",
-           "FRAME_HEIGHT", "PICAM_FPS", "PICAM_FORMAT"]
+           "bgr_to_rgb", "PathEntry", "image_paths", "read_paths", "picamera2_help", "choose_sensor_mode",
+           "CAMERA_TIMEOUT_S", "FRAME_HEIGHT", "PICAM_FPS", "PICAM_FORMAT"]
 
 _log = logging.getLogger(__name__)
 
 CAMERA_TIMEOUT_S = 10.0  # a live camera that delivers no frame for this long is taken as gone
 _FALLBACK_FPS = 30.0  # replay rate of a video file whose header gives none
+_GRABS_AFTER_FAILURE = 8  # frames tried after a failed read of a file: any that comes means damage, not the end
+_FRAME_COUNT_SLACK = 0.02  # of an announced frame count that may be an estimate (duration x rate)
 # Pi camera. Frames: FRAME_HEIGHT rows (above the 256-pixel short side preprocessing takes), as
 # wide as the sensor mode's aspect ratio makes them, in a multiple of _WIDTH_ALIGN pixels (the
 # row alignment picamera2's align_configuration uses on a Pi 4's ISP).
@@ -118,13 +124,36 @@ class OpenCVSource:
 
     def read(self):
         """The next frame as RGB uint8 (H, W, 3); None at the end of a file.
-        Raises SourceError when a camera stops delivering frames."""
+        Raises SourceError when a camera stops delivering frames, or when a file's frames stop
+        before its end (see `_check_end`)."""
         ok, bgr = self._capture.read()
         if ok:
             return bgr_to_rgb(bgr)
         if self.live:
             raise SourceError(f"{self.name} stopped delivering frames (unplugged, or taken by another program?)")
+        self._check_end()
         return None
+
+    def _check_end(self):
+        """A file's read failed: return at its end, raise SourceError when it is damaged.
+
+        OpenCV's read() answers False alike at the end of a file and on a frame its decoder
+        cannot make (FFmpeg skips to the next packet on the following call). So: a frame that
+        can still be grabbed after the failure means damage at this point; none, with fewer
+        frames read than the container announces (CAP_PROP_FRAME_COUNT), means a file cut
+        short. Containers without a frame index announce duration x rate, an estimate: a few
+        frames less than that (_FRAME_COUNT_SLACK) still count as the end.
+        """
+        cv2 = self._cv2
+        position = int(self._capture.get(cv2.CAP_PROP_POS_FRAMES))  # frames delivered so far
+        announced = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        of = f" of {announced}" if announced > 0 else ""
+        if any(self._capture.grab() for _ in range(_GRABS_AFTER_FAILURE)):
+            raise SourceError(f"{self.name}: frame {position}{of} could not be decoded (the file is damaged there); "
+                              "repair or re-encode it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4")
+        if 0 < position < announced - max(1, announced * _FRAME_COUNT_SLACK):
+            raise SourceError(f"{self.name}: the frames end at {position} of the {announced} the file announces "
+                              "(cut short, e.g. an unfinished copy or recording); copy or record it again")
 
     def close(self):
         self._capture.release()
@@ -563,6 +592,8 @@ class LatestFrameStream:
         every_s: at most one classification every `every_s` seconds (0: as fast as the model goes).
         camera_timeout_s: a live source silent this long raises SourceError (it is taken as gone).
     Attributes (updated while iterating): frames_read, classified, elapsed_s.
+    Raises (while iterating, after the frames read before it): the source's SourceError, and a
+    SourceError when the source ends before its first frame (a file that is not a video).
     """
 
     def __init__(self, source, classify, *, max_frames=None, every_s=0.0, camera_timeout_s=CAMERA_TIMEOUT_S):
@@ -614,6 +645,9 @@ class LatestFrameStream:
                     break
                 pixels = self.source.read()
                 if pixels is None:
+                    if not self.frames_read:
+                        raise SourceError(f"{self.source.name}: no frame could be read from it (not a video, or a "
+                                          "format or codec this reader lacks)")
                     break
                 self.holder.put(Frame(self.frames_read, time.perf_counter() - start, pixels))
                 self.frames_read += 1
@@ -628,16 +662,66 @@ class LatestFrameStream:
                 self.holder.finish(error)
 
 
+class PathEntry(typing.NamedTuple):
+    """One item a path names: `path` (str) to classify, or `problem`, a one-line message naming
+    the path and why it cannot be read as an image file."""
+
+    path: str
+    problem: typing.Optional[str] = None
+
+
 def image_paths(path, recursive=False):
-    """The images a path names: the path itself when it is not a directory (reading it is left to
-    the classifier, which reports a missing or unreadable file), else the directory's image
-    files (by extension, case-insensitive) sorted by path, descending into sub-directories
-    with `recursive`. An empty list when the directory holds none."""
-    directory = pathlib.Path(path)
-    if not directory.is_dir():
-        return [path]
-    candidates = directory.rglob("*") if recursive else directory.iterdir()
-    return sorted(str(p) for p in candidates if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    """The items a path names, as PathEntry sorted by path:
+
+    - a regular file: itself (reading it is left to the classifier, which reports a file that is
+      not an image);
+    - a directory: its image files (by extension, case-insensitive), descending into
+      sub-directories with `recursive` (not into symbolic links to directories: no cycles); an
+      empty list when it holds none;
+    - what cannot be read as a file: an entry with its problem (missing, a dangling symbolic
+      link, a name too long, no permission on it or on a directory on the way, a FIFO, socket or
+      device, a directory that cannot be listed). Image-named entries of a directory are
+      reported the same way, so nothing is skipped without a word.
+
+    Nothing is opened here but directories (so a FIFO never blocks) and nothing raises: every
+    OSError becomes the problem of the entry it concerns.
+    """
+    problem, mode = paths.stat_path(path)
+    if problem is None and stat.S_ISDIR(mode):
+        entries = []
+        _scan(path, recursive, entries)
+        return sorted(entries, key=lambda entry: entry.path)
+    return [PathEntry(path, problem or paths.not_regular(path, mode))]
+
+
+def _scan(directory, recursive, entries):
+    """Append the entries of `directory` (and of its sub-directories, with `recursive`) to
+    `entries`; a loop, not recursion, however deep the tree."""
+    pending = [directory]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                children = list(listing)
+        except OSError as error:
+            entries.append(PathEntry(directory, f"{directory}: cannot list this directory: "
+                                                f"{paths.cause(directory, error)}"))
+            continue
+        for child in children:
+            try:
+                is_directory = child.is_dir(follow_symlinks=False)
+            except OSError:  # unknown type and no lstat allowed: treat it like a file, its stat says why
+                is_directory = False
+            if is_directory:
+                if recursive:
+                    pending.append(child.path)
+                continue
+            if os.path.splitext(child.name)[1].lower() not in IMG_EXTENSIONS:
+                continue
+            problem, mode = paths.stat_path(child.path)
+            if problem is None and stat.S_ISDIR(mode):  # a symbolic link to a directory: not descended
+                continue
+            entries.append(PathEntry(child.path, problem or paths.not_regular(child.path, mode)))
 
 
 def read_paths(stream):

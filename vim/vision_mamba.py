@@ -10,6 +10,8 @@ Changes from upstream, on purpose:
     name in `vim_rpi.factory`; `vim_rpi.models_mamba` registers the names with timm as
     upstream's module does;
   - RMSNorm stays RMSNorm on every machine (pure-PyTorch `mamba_ssm.ops.triton.layer_norm`);
+  - the kernels are chosen once per module, not per call: `set_backend(name)` tells every
+    mixer and norm (see `mamba_ssm.modules.backend_choice`);
   - the final norm runs only on the token(s) that are read out (it is per token, so the result
     is the same);
   - unknown constructor kwargs are accepted like upstream, but named in a warning; ablation
@@ -26,8 +28,10 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from mamba_ssm.modules.backend_choice import set_backend
 from mamba_ssm.modules.mamba_simple import Block, DropPath, Mamba
-from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn, rms_norm_fn
+from mamba_ssm.ops.norms import layer_norm_fn
+from mamba_ssm.ops.triton.layer_norm import RMSNorm
 
 __all__ = ["VisionMamba", "PatchEmbed"]
 
@@ -220,6 +224,12 @@ class VisionMamba(nn.Module):
         if if_bidirectional and depth % 2:
             raise ValueError(f"if_bidirectional pairs the layers: depth must be even, got {depth}")
 
+    def set_backend(self, name):
+        """Run kernel backend `name` ("auto", "ref", "torch", "numba", "cuda") in every mixer and
+        norm; returns self. Raises RuntimeError when it cannot run here (see
+        `mamba_ssm.set_backend`)."""
+        return set_backend(self, name)
+
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         return {i: layer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
                 for i, layer in enumerate(self.layers)}
@@ -276,9 +286,11 @@ class VisionMamba(nn.Module):
         if not self.fused_add_norm:
             residual = hidden if residual is None else residual + self.drop_path(hidden)
             return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
-        norm_fn = rms_norm_fn if isinstance(self.norm_f, RMSNorm) else layer_norm_fn
-        return norm_fn(self.drop_path(hidden), self.norm_f.weight, self.norm_f.bias, eps=self.norm_f.eps,
-                       residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
+        if isinstance(self.norm_f, RMSNorm):  # its held kernel
+            return self.norm_f.add_norm(self.drop_path(hidden), residual, prenorm=False,
+                                        residual_in_fp32=self.residual_in_fp32)
+        return layer_norm_fn(self.drop_path(hidden), self.norm_f.weight, self.norm_f.bias, eps=self.norm_f.eps,
+                             residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
 
     def forward_features(self, x, inference_params=None, if_random_cls_token_position=False,
                          if_random_token_rank=False):

@@ -1,4 +1,4 @@
-"""Argument checks shared by `causal_conv1d` and `mamba_ssm`: errors that name the argument."""
+"""Argument checks for the kernel functions, here and in the packages built on this one."""
 
 
 def shape_error(arg, expected, tensor):

@@ -5,14 +5,17 @@ Glossary: b batch, d channels, l sequence length, w kernel width, s conv-state l
     out[:, c, t] = bias[c] + sum_k weight[c, k] * xpad[:, c, t + k]
 
 where xpad is x left-padded with w-1 zeros (or with `initial_states`), optionally followed by
-SiLU. `causal_conv1d_fn` and `causal_conv1d_update` dispatch per call (`causal_conv1d.backends`,
-family "causal_conv1d") to:
+SiLU. `causal_conv1d_fn` and `causal_conv1d_update` dispatch per call (`causal_conv1d.backends`)
+to one of these, and a model holds the pair `conv_kernels` chose for it:
   - "ref": `causal_conv1d_ref`: one depthwise F.conv1d over the padded input (upstream's
     reference); `causal_conv1d_update_ref`: the new inputs fed through the state one at a time;
   - "torch": `causal_conv1d_fast` / `causal_conv1d_update_fast`: w shifted multiply-adds over the whole
     sequence (about 2.5x faster on a CPU than F.conv1d with its transposes);
   - "cuda": upstream's compiled `causal_conv1d_cuda` for CUDA tensors, when installed.
 """
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +28,7 @@ _ACTIVATIONS = (None, "silu", "swish")
 
 def which_backend(x):
     """Name of the backend ("ref", "torch" or "cuda") a conv call on tensor `x` would use now."""
-    return backends.resolve("causal_conv1d", x)
+    return backends.resolve_conv(backends.device_type(x))
 
 
 def _check_activation(activation):
@@ -160,7 +163,7 @@ class _CudaConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, initial_states, final_states_out, silu):
-        ext = backends.extension("causal_conv1d")
+        ext = backends.extension(backends.EXTENSION)
         if x.stride(2) != 1 and x.stride(1) != 1:
             x = x.contiguous()
         bias = bias.contiguous() if bias is not None else None
@@ -174,7 +177,7 @@ class _CudaConv(torch.autograd.Function):
         x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
         if dout.stride(2) != 1 and dout.stride(1) != 1:
             dout = dout.contiguous()
-        dx, dweight, dbias, dinitial = backends.extension("causal_conv1d").causal_conv1d_bwd(
+        dx, dweight, dbias, dinitial = backends.extension(backends.EXTENSION).causal_conv1d_bwd(
             x, weight, bias, dout, seq_idx, initial_states, None, None,
             ctx.needs_input_grad[4], ctx.silu)
         return dx, dweight, dbias if bias is not None else None, None, dinitial, None, None
@@ -190,7 +193,8 @@ def _causal_conv1d_cuda(x, weight, bias=None, initial_states=None, return_final_
     return (out, final_states_out) if return_final_states else out
 
 
-_FN_IMPLS = {"cuda": _causal_conv1d_cuda, "torch": causal_conv1d_fast, "ref": causal_conv1d_ref}
+# implementation name -> function; all take causal_conv1d_ref's arguments
+CONV_IMPLS = {"cuda": _causal_conv1d_cuda, "torch": causal_conv1d_fast, "ref": causal_conv1d_ref}
 
 
 def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
@@ -202,7 +206,7 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     Returns out (batch, dim, seqlen) in x's dtype, or (out, final_states (batch, dim, width - 1))
     when return_final_states (written into final_states_out when given).
     """
-    impl = _FN_IMPLS[which_backend(x)]
+    impl = CONV_IMPLS[which_backend(x)]
     return impl(x, weight, bias, initial_states=initial_states, return_final_states=return_final_states,
                 final_states_out=final_states_out, activation=activation, seq_idx=seq_idx)
 
@@ -293,11 +297,13 @@ def causal_conv1d_update_fast(x, conv_state, weight, bias=None, activation=None,
 
 def _causal_conv1d_update_cuda(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None):
     _check_update_args(x, conv_state, weight, bias, activation, cache_seqlens)
-    return backends.extension("causal_conv1d").causal_conv1d_update(x, conv_state, weight, bias, activation is not None,
-                                                   cache_seqlens)
+    return backends.extension(backends.EXTENSION).causal_conv1d_update(x, conv_state, weight, bias,
+                                                                        activation is not None, cache_seqlens)
 
 
-_UPDATE_IMPLS = {"cuda": _causal_conv1d_update_cuda, "torch": causal_conv1d_update_fast, "ref": causal_conv1d_update_ref}
+# implementation name -> function; all take causal_conv1d_update's arguments
+UPDATE_IMPLS = {"cuda": _causal_conv1d_update_cuda, "torch": causal_conv1d_update_fast,
+                "ref": causal_conv1d_update_ref}
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None):
@@ -308,4 +314,22 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     makes conv_state a circular buffer written from index cache_seqlens % state_len.
     Returns the conv outputs for the new positions, shaped like x.
     """
-    return _UPDATE_IMPLS[which_backend(x)](x, conv_state, weight, bias, activation, cache_seqlens)
+    return UPDATE_IMPLS[which_backend(x)](x, conv_state, weight, bias, activation, cache_seqlens)
+
+
+@dataclass(frozen=True)
+class ConvKernels:
+    """The causal conv a model runs, chosen once by `conv_kernels`: `name` ("ref", "torch" or
+    "cuda"), `fn` with causal_conv1d_ref's arguments, `update` with causal_conv1d_update's."""
+
+    name: str
+    fn: Callable
+    update: Callable
+
+
+def conv_kernels(backend, device):
+    """The conv kernels for a model on `device` (a device type: "cpu", "cuda", "meta"...) under
+    `backend` (one of `backends.BACKENDS`), reading CAUSAL_CONV1D_FORCE_FALLBACK now.
+    Raises RuntimeError when an explicit backend cannot run there, ValueError for an unknown one."""
+    name = backends.resolve_conv(device, backend)
+    return ConvKernels(name, CONV_IMPLS[name], UPDATE_IMPLS[name])

@@ -21,19 +21,18 @@ def _difference(got, want):
 
 def _mixer_difference():
     """A v2 mixer (d_inner 80: a partial channel block; 11 tokens) on both paths."""
-    from mamba_ssm import Mamba, use_backend
+    from mamba_ssm import Mamba
 
     outputs = []
     for backend in ("numba", "torch"):  # "numba" by name: an error, not the torch path, if it cannot run
-        with use_backend(backend):
-            torch.manual_seed(0)
-            mixer = Mamba(40, d_state=8, bimamba_type="v2", if_divide_out=True)
-            with torch.no_grad():
-                for p in mixer.parameters():  # the two directions' parameters differ
-                    p.add_(torch.randn_like(p) * 0.2)
-            x = torch.randn(2, 11, 40)
-            with torch.inference_mode():
-                outputs.append(mixer.eval()(x))
+        torch.manual_seed(0)
+        mixer = Mamba(40, d_state=8, bimamba_type="v2", if_divide_out=True)
+        with torch.no_grad():
+            for p in mixer.parameters():  # the two directions' parameters differ
+                p.add_(torch.randn_like(p) * 0.2)
+        x = torch.randn(2, 11, 40)
+        with torch.inference_mode():
+            outputs.append(mixer.set_backend(backend).eval()(x))
     return _difference(*outputs)
 
 

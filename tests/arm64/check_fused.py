@@ -9,8 +9,8 @@ import torch
 
 from check_kernels import conv_reference, scan_reference
 from mamba_ssm import Mamba
+from mamba_ssm.env import CPU_BACKEND_ENV
 from mamba_ssm.ops import bimamba_v2_numba as fused
-from causal_conv1d.backends import CPU_BACKEND_ENV
 
 
 def mixer_reference(mixer, hidden):

@@ -1,6 +1,7 @@
 // The page of vim/serve_rpi.py: send the picked photo to /v1/classify as the raw request body and
-// show its top-5 as labelled bars. The token, when the server asks for one (401), is kept in
-// localStorage so it is asked for once per browser.
+// show its top-5 as labelled bars. The token, when the server asks for one (401, on load or on a
+// photo), is kept in localStorage so it is asked for once per browser. After an error the result
+// card is hidden; a photo the browser cannot display (e.g. TIFF) is still classified, without a preview.
 "use strict";
 
 const TOKEN_KEY = "vim-serve-token";
@@ -9,7 +10,11 @@ let pending = null;  // the file waiting for a token
 
 function headers() {
   const token = localStorage.getItem(TOKEN_KEY);
-  return token ? { Authorization: "Bearer " + token } : {};
+  if (!token) return {};
+  // A header value may only hold characters up to U+00FF, sent as one byte each: spell the
+  // token's UTF-8 bytes that way, which is how the server compares it.
+  const utf8 = String.fromCharCode(...new TextEncoder().encode(token));
+  return { Authorization: "Bearer " + utf8 };
 }
 
 function status(text, isError) {
@@ -29,6 +34,11 @@ function askForToken(file) {
   status("This server needs a token.", true);
 }
 
+function failed(text) {
+  $("result").hidden = true;
+  status(text, true);
+}
+
 async function showInfo() {
   const response = await fetch("/v1/info", { headers: headers() });
   if (response.ok) {
@@ -36,6 +46,7 @@ async function showInfo() {
     $("model").textContent = `${info.model} · threads: ${info.threads} · torch ${info.torch}`;
   } else if (response.status === 401) {
     $("model").textContent = "token required";
+    askForToken(pending);
   } else {
     $("model").textContent = await errorText(response);
   }
@@ -70,6 +81,7 @@ function render(result) {
 
 async function classify(file) {
   if (!file) return;
+  $("preview").hidden = false;
   $("preview").src = URL.createObjectURL(file);
   $("result").hidden = false;
   $("topk").replaceChildren();
@@ -79,14 +91,16 @@ async function classify(file) {
   try {
     response = await fetch("/v1/classify?topk=5", { method: "POST", headers: headers(), body: file });
   } catch (e) {
-    status("The server cannot be reached.", true);
+    failed("The server cannot be reached.");
     return;
   }
-  if (response.status === 401) { askForToken(file); return; }
-  if (!response.ok) { status(await errorText(response), true); return; }
+  if (response.status === 401) { $("result").hidden = true; askForToken(file); return; }
+  if (!response.ok) { failed(await errorText(response)); return; }
   render(await response.json());
   status("");
 }
+
+$("preview").addEventListener("error", () => { $("preview").hidden = true; });
 
 for (const id of ["choose", "camera"]) {
   $(id).addEventListener("change", (event) => classify(event.target.files[0]));

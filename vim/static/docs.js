@@ -17,8 +17,8 @@ function element(tag, text, className) {
       box.append(element("h2", `${method.toUpperCase()} ${path}`));
       if (op.description) box.append(element("p", op.description));
       for (const p of op.parameters || []) {
-        box.append(element("p", `${p.in} parameter ${p.name}: ${p.description || ""} ` +
-          `(default ${p.schema && p.schema.default})`, "muted"));
+        const fallback = p.schema && "default" in p.schema ? ` (default ${p.schema.default})` : "";
+        box.append(element("p", `${p.in} parameter ${p.name}: ${p.description || ""}${fallback}`, "muted"));
       }
       if (op.requestBody) {
         box.append(element("p", "body: " + Object.keys(op.requestBody.content).join(", "), "muted"));

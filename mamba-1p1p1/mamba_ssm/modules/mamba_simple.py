@@ -5,36 +5,39 @@ d_state, r dt_rank, w d_conv.
 
 Constructor arguments, parameter names (checkpoint keys) and results are upstream's
 (state-spaces/mamba 1.1.1 as extended by hustvl/Vim). Differences on purpose:
-  - every path computes what upstream's fused CUDA path computes. Upstream's non-fused path
-    (use_fast_path=False) runs only the forward direction of a "v2" mixer, ignoring all _b
-    parameters and the /2, so `use_fast_path` is accepted but changes nothing here;
-  - a "v2" mixer runs through `mamba_ssm.ops.bimamba_v2.bimamba_v2_fn`, which picks the backend
-    (both directions stacked on "torch" and "numba");
-    in eval mode without autograd it also caches its derived constants (A = -exp(A_log), stacked
-    weights) until a parameter changes (in place, replaced, reloaded) or train()/eval() is
-    called; writes through `param.data` or a `.numpy()` view are invisible to PyTorch's version
-    counters, so call eval() again after them. Parameters that
-    are inference tensors (made under inference_mode) have no version counter: no caching;
+  - every path computes what upstream's fused CUDA path computes. `use_fast_path=False` runs a
+    "v2" mixer unfused, as upstream does: two one-direction inner paths on the conv and scan
+    kernels, instead of the stacked or fused mixer kernel; unlike upstream's unfused path it
+    keeps the backward direction (the _b parameters and the /2). "v1" and "none" mixers have
+    one path;
+  - the kernels are chosen once per module (`backend_choice.KernelHolder`: when built, moved,
+    loaded or told a backend with `set_backend`), not per call;
+  - in eval mode a "v2" mixer holds its inference weights (`ops.bimamba_v2.V2Weights`: A =
+    -exp(A_log), stacked layouts), built once by the first inference forward (or by
+    `build_inference_constants`) after eval(), load_state_dict, `.to()`/`.half()`... or
+    `set_backend`, which drop them, as does a forward with autograd on (an optimizer step may
+    follow it). Parameters changed in place after that build by other means (a `.data` write or
+    an in-place op under no_grad, a Linear layer swapped by quantize_dynamic(inplace=True), a
+    `torch.func.functional_call` under no_grad) are not seen until eval() or
+    `build_inference_constants` runs again. Training mode and forwards with autograd on build
+    the weights from the parameters on every call;
   - Linear layers may be replaced by dynamically quantized ones (they have no `.weight`
-    tensor): modules are called, or their weights dequantized, as needed.
+    tensor): in_proj and out_proj are called; a v2 mixer's x_proj runs from its packed int8
+    weights on the stacked paths, dequantized in the composed one, and dt_proj's weights are
+    dequantized into the mixer on every path.
 """
 
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from mamba_ssm.ops.bimamba_v2 import bimamba_v2_fn
-from mamba_ssm.ops.selective_scan_interface import (
-    bimamba_inner_fn_no_out_proj,
-    inner_projections,
-    mamba_inner_fn_no_out_proj,
-    selective_scan_fn,
-)
-from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn, rms_norm_fn
+from mamba_ssm.modules.backend_choice import KernelHolder
+from mamba_ssm.ops.bimamba_v2 import DirectionWeights, V2Weights, fp32, stack_directions
+from mamba_ssm.ops.norms import layer_norm_fn
+from mamba_ssm.ops.selective_scan_interface import inner_projections
+from mamba_ssm.ops.triton.layer_norm import RMSNorm
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
 BIMAMBA_TYPES = ("none", "v1", "v2")
@@ -48,35 +51,26 @@ def dense_linear(linear):
     return weight().dequantize(), linear.bias()
 
 
-def _fp32(t):
-    """Upstream computes A, D and delta_bias in float32 (`.float()`); float64 stays float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+def packed_int8(linear):
+    """A dynamically quantized int8 Linear's weights packed for torch.ops.quantized.linear_dynamic
+    (what its forward computes with), or None for another layer."""
+    weight = linear.weight
+    if isinstance(weight, torch.Tensor):
+        return None
+    qweight = weight()
+    if qweight.dtype != torch.qint8:
+        return None
+    return torch.ops.quantized.linear_prepack(qweight, linear.bias())
 
 
-def _stacked_linear(weight, bias):
-    """Apply two Linear layers stacked on dim 0: weight (2, out, in), bias (2, out) or None;
-    maps x (2, ..., in) -> (2, ..., out) with one batched matmul."""
-    weight_t = weight.transpose(1, 2)
-    bias = None if bias is None else bias.unsqueeze(1)  # (2, 1, out)
-
-    def apply(x):
-        flat = x.reshape(2, -1, x.shape[-1])
-        y = torch.bmm(flat, weight_t) if bias is None else torch.baddbmm(bias, flat, weight_t)
-        return y.view(*x.shape[:-1], weight.shape[1])
-
-    return apply
-
-
-def _paired_modules(forward_module, backward_module):
-    return lambda x: torch.stack((forward_module(x[0]), backward_module(x[1])))
-
-
-class Mamba(nn.Module):
+class Mamba(KernelHolder, nn.Module):
     """Selective state-space mixer: (b, l, d_model) -> (b, l, d_model).
 
     bimamba_type: "none" (causal, one direction), "v1" (second scan with A_b over the flipped
     sequence, shared conv/projections) or "v2" (Vim: a full second set of parameters for the
-    flipped sequence). if_divide_out halves the v2 sum; init_layer_scale adds a `gamma` scale.
+    flipped sequence). if_divide_out halves the v2 sum; init_layer_scale adds a `gamma` scale;
+    use_fast_path=False runs a v2 mixer unfused (see the module docstring).
+    `set_backend(name)` chooses its kernels (see `backend_choice`).
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
@@ -101,7 +95,7 @@ class Mamba(nn.Module):
         self.if_divide_out = if_divide_out
         self.init_layer_scale = init_layer_scale
         self.activation = "silu"
-        self._constants = None  # (key, namespace) cached for eval-mode inference
+        self._constants = None  # V2Weights of eval-mode inference (v2 mixers), once built
         if init_layer_scale is not None:
             self.gamma = nn.Parameter(torch.full((d_model,), init_layer_scale, **factory_kwargs))
 
@@ -117,6 +111,7 @@ class Mamba(nn.Module):
                 conv_bias, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, factory_kwargs)
             self.D_b = self._ones_d(device)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
+        self._init_kernels()
 
     def _direction_layers(self, conv_bias, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, factory_kwargs):
         conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=self.d_conv, groups=self.d_inner,
@@ -152,113 +147,80 @@ class Mamba(nn.Module):
         param._no_weight_decay = True
         return param
 
+    def _kernel_request(self):
+        weight = self.in_proj.weight  # a method of a dynamically quantized Linear, whose output is float32
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+        needs = ("mixer", "conv") if self.bimamba_type == "v2" else ("inner", "conv", "scan")
+        uniform = all(p.dtype == dtype for p in self.parameters() if p.is_floating_point())
+        return dict(device=self.A_log.device.type, dtype=dtype, needs=needs, channels=self.d_inner,
+                    uniform=uniform, fused_mixer=self.use_fast_path)
+
+    def _kernels_changed(self):
+        """Drop the held inference weights: the next inference forward in eval mode builds them."""
+        self._constants = None
+
+    def _inference_weights(self):
+        """The v2 inference weights this module holds in eval mode, built now if they are not."""
+        if self._constants is None:
+            with torch.no_grad():
+                self._constants = self._v2_weights(self._kernels.inference)
+        return self._constants
+
     def forward(self, hidden_states, inference_params=None):
         """hidden_states: (b, l, d_model) -> (b, l, d_model)."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states must have shape (batch, seqlen, {self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
+        kernels = self.kernels_for_call()
         if inference_params is not None:
-            return self._forward_with_cache(hidden_states, inference_params)
+            return self._forward_with_cache(kernels, hidden_states, inference_params)
         xz = self.in_proj(hidden_states)  # (b, l, 2 * d_inner)
         if self.bimamba_type == "v2":
-            needs_grad = torch.is_grad_enabled() and (xz.requires_grad or any(p.requires_grad for p in self.parameters()))
-            y = bimamba_v2_fn(xz, self._v2_constants, self._v2_directions, self.dt_rank, self.if_divide_out,
-                              needs_grad)  # (b, l, d_inner)
+            if kernels.mode == "inference" and not self.training:
+                weights = self._inference_weights()
+            else:
+                # autograd on: built from the parameters now; an optimizer step may follow, so the
+                # held inference weights go too (the next inference forward rebuilds them)
+                self._constants = None
+                weights = self._v2_weights(kernels)
+            y = kernels.mixer(xz, weights, self.if_divide_out)  # (b, l, d_inner)
         else:
-            y = self._inner(xz.transpose(1, 2)).transpose(1, 2)
+            y = self._inner(kernels, xz.transpose(1, 2)).transpose(1, 2)
         return self._scale(self.out_proj(y))
 
     def _scale(self, out):
         return out * self.gamma if self.init_layer_scale is not None else out
 
-    def _direction_args(self, suffix=""):
-        conv = getattr(self, "conv1d" + suffix)
-        x_proj_weight, _ = dense_linear(getattr(self, "x_proj" + suffix))
+    def _direction(self, suffix="", pack=False):
+        """One direction's weights ("" forward, "_b" backward) as tensors the kernels take; with
+        pack, an int8 x_proj as its packed weights instead of dequantized ones."""
+        conv, x_proj = getattr(self, "conv1d" + suffix), getattr(self, "x_proj" + suffix)
+        packed = packed_int8(x_proj) if pack else None
         dt_weight, dt_bias = dense_linear(getattr(self, "dt_proj" + suffix))
-        A = -torch.exp(_fp32(getattr(self, "A" + suffix + "_log")))
-        return (conv.weight, conv.bias, x_proj_weight, dt_weight, A), dict(
-            D=_fp32(getattr(self, "D" + suffix)), delta_bias=_fp32(dt_bias), delta_softplus=True)
+        return DirectionWeights(conv_weight=conv.weight, conv_bias=conv.bias,
+                                x_proj_weight=None if packed is not None else dense_linear(x_proj)[0],
+                                dt_weight=dt_weight, dt_bias=dt_bias, A=-torch.exp(fp32(getattr(self, f"A{suffix}_log"))),
+                                D=fp32(getattr(self, "D" + suffix)), x_proj_packed=packed)
 
-    def _inner(self, xz):
-        """Upstream's fused functions, dispatching per call: xz (b, 2*d_inner, l) -> (b, d_inner, l)."""
-        args, kwargs = self._direction_args()
-        if self.bimamba_type == "none":
-            return mamba_inner_fn_no_out_proj(xz, *args, **kwargs)
-        A_b = -torch.exp(_fp32(self.A_b_log))
-        return bimamba_inner_fn_no_out_proj(xz, *args, A_b, **kwargs)
+    def _v2_weights(self, kernels):
+        """Both directions' weights as `kernels`' mixer reads them: stacked, or per direction."""
+        if not kernels.mixer_reads_stacked:
+            return V2Weights(self._direction(), self._direction("_b"), None)
+        return V2Weights(None, None, stack_directions(self._direction(pack=True), self._direction("_b", pack=True)))
 
-    def _v2_directions(self):
-        return self._direction_args(), self._direction_args("_b")
-
-    def _constants_key(self):
-        modules = (self.conv1d, self.conv1d_b, self.x_proj, self.x_proj_b, self.dt_proj, self.dt_proj_b)
-        params = [p for m in modules for p in m.parameters()] + [self.A_log, self.A_b_log, self.D, self.D_b]
-        # module ids catch Linear layers swapped in place (e.g. by quantize_dynamic(inplace=True)).
-        # None: a parameter is an inference tensor (created under inference_mode), which has no
-        # version counter, so in-place changes to it could not be seen: no caching then.
-        if any(p.is_inference() for p in params):
-            return None
-        return tuple(id(m) for m in modules) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-
-    def train(self, mode=True):
-        # Writes through `.data` (or a .numpy() view) bypass the version counters the cache key reads; switching
-        # mode (model.eval()) is the documented way to refresh after them.
-        self._constants = None
-        return super().train(mode)
+    def _inner(self, kernels, xz):
+        """The v1 / causal inner path on the held kernels: xz (b, 2*d_inner, l) -> (b, d_inner, l)."""
+        w = self._direction()
+        A_b = -torch.exp(fp32(self.A_b_log)) if self.bimamba_type == "v1" else None
+        return kernels.inner(xz, w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_weight, w.A, D=w.D,
+                             delta_bias=fp32(w.dt_bias), delta_softplus=True, A_b=A_b)
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_constants"] = None  # closures over cached tensors: rebuilt on the next forward
+        state = super().__getstate__()
+        state["_constants"] = None  # derived from the parameters: rebuilt on load
         return state
 
-    def _v2_constants(self):
-        """Stacked (forward, backward) constants for `bimamba_v2_fast`; cached while the module is
-        in eval mode, autograd is off and no parameter has changed (data pointer and version)."""
-        key = None if self.training or torch.is_grad_enabled() else self._constants_key()
-        if key is None:
-            self._constants = None
-            return self._build_v2_constants()
-        if self._constants is None or self._constants[0] != key:
-            self._constants = (key, self._build_v2_constants())
-        return self._constants[1]
-
-    def _build_v2_constants(self):
-        def stack(a, b):
-            return torch.stack((a, b))
-
-        convs = (self.conv1d, self.conv1d_b)
-        conv_bias = None if self.conv1d.bias is None else stack(self.conv1d.bias, self.conv1d_b.bias).unsqueeze(1)
-
-        def projection(forward_module, backward_module):
-            if isinstance(forward_module.weight, torch.Tensor) and isinstance(backward_module.weight, torch.Tensor):
-                bias = None if forward_module.bias is None else stack(forward_module.bias, backward_module.bias)
-                return _stacked_linear(stack(forward_module.weight, backward_module.weight), bias)
-            return _paired_modules(forward_module, backward_module)
-
-        conv_weight = stack(*(c.weight.squeeze(1).t() for c in convs))  # (2, w, d_inner)
-        A = -torch.exp(_fp32(stack(self.A_log, self.A_b_log))).transpose(1, 2).contiguous()  # (2, n, d_inner)
-        D = _fp32(stack(self.D, self.D_b))  # (2, d_inner)
-        dt_weights, dt_biases = zip(*(dense_linear(m) for m in (self.dt_proj, self.dt_proj_b)))
-        return SimpleNamespace(
-            # (2, 1, d_inner, w), stored (w, d_inner)-contiguous: each conv tap runs along channels
-            conv_weight=conv_weight.unsqueeze(1).transpose(-1, -2),
-            conv_bias=conv_bias,  # (2, 1, d_inner)
-            x_proj=projection(self.x_proj, self.x_proj_b),
-            # dt_proj dense on every path (a quantized one dequantized), as the fused kernel and the
-            # composition compute it, so the backends agree on a quantized model too
-            dt_proj=_stacked_linear(stack(*dt_weights), stack(*dt_biases)),
-            # (2, 1, d_inner, n), stored (n, d_inner)-contiguous: the scan works on A transposed
-            A=A.unsqueeze(1).transpose(-1, -2),
-            D=D.unsqueeze(1),  # (2, 1, d_inner)
-            # the layouts `bimamba_v2_numba` takes: conv taps, dt_proj's rank rows and A's state rows
-            # contiguous along channels
-            fused=SimpleNamespace(conv_weight=conv_weight,
-                                  conv_bias=None if conv_bias is None else conv_bias.squeeze(1),  # (2, d_inner)
-                                  dt_weight=stack(*dt_weights).transpose(1, 2).contiguous(),  # (2, r, d_inner)
-                                  dt_bias=stack(*dt_biases), A=A, D=D),
-        )
-
-    def _forward_with_cache(self, hidden_states, inference_params):
+    def _forward_with_cache(self, kernels, hidden_states, inference_params):
         """Prefill (seqlen_offset == 0) or one decoding step, keeping conv/SSM states in
         inference_params.key_value_memory_dict[layer_idx]. Causal ("none") mixers only."""
         if self.bimamba_type != "none":
@@ -272,10 +234,11 @@ class Mamba(nn.Module):
             return out
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
         conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0)))  # the last d_conv inputs
-        x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation)
-        args, kwargs = self._direction_args()
-        delta, B, C = inner_projections(x, args[2], args[3])
-        y, last_state = selective_scan_fn(x, delta, args[4], B, C, z=z, return_last_state=True, **kwargs)
+        x = kernels.conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation)
+        w = self._direction()
+        delta, B, C = inner_projections(x, w.x_proj_weight, w.dt_weight)
+        y, last_state = kernels.scan(x, delta, w.A, B, C, D=w.D, z=z, delta_bias=fp32(w.dt_bias), delta_softplus=True,
+                                     return_last_state=True)
         ssm_state.copy_(last_state)
         return self._scale(self.out_proj(y.transpose(1, 2)))
 
@@ -287,10 +250,11 @@ class Mamba(nn.Module):
             raise ValueError(f"step() decodes one token at a time: hidden_states must have shape "
                              f"(batch, 1, {self.d_model}), got {tuple(hidden_states.shape)}")
         x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (b, d_inner) each
-        x = causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation)
+        x = self.kernels_for_call().conv_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                                self.activation)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt)  # bias included, so no dt_bias below
-        A = -torch.exp(_fp32(self.A_log))
+        A = -torch.exp(fp32(self.A_log))
         y = selective_state_update(ssm_state, x, dt, A, B, C, self.D, z=z, dt_softplus=True)
         return self._scale(self.out_proj(y)).unsqueeze(1), conv_state, ssm_state
 
@@ -313,13 +277,14 @@ class Mamba(nn.Module):
 
 
 def build_inference_constants(model):
-    """Build and cache now, instead of in the first forward, the eval-mode constants of every v2
-    mixer in `model` (in eval mode): for a CLI to call at model load, so that the first image
-    costs what the next ones do (Vim-Tiny: ~6 ms, 24 x ~20 small ops)."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Mamba) and module.bimamba_type == "v2" and not module.training:
-                module._v2_constants()
+    """Build now, from the current parameters, the inference weights every v2 mixer of `model` in
+    eval mode holds: at model load, so that the first image costs what the next ones do
+    (Vim-Tiny: ~6 ms, 24 x ~20 small ops), and after changing parameters in place in eval mode
+    once a forward has run (e.g. quantize_dynamic(inplace=True))."""
+    for module in model.modules():
+        if isinstance(module, Mamba) and module.bimamba_type == "v2" and not module.training:
+            module._kernels_changed()
+            module._inference_weights()
 
 
 class DropPath(nn.Module):
@@ -365,13 +330,16 @@ class Block(nn.Module):
             weight = self.norm.weight  # None for a norm without elementwise affine parameters
             hidden_states = self.norm(residual if weight is None else residual.to(dtype=weight.dtype))
             if self.residual_in_fp32:
-                residual = _fp32(residual)
-        else:  # rms_norm_fn runs the numba kernel on the numba backend
-            norm_fn = rms_norm_fn if isinstance(self.norm, RMSNorm) else layer_norm_fn
-            hidden_states, residual = norm_fn(
-                hidden_states if residual is None else self.drop_path(hidden_states),
-                self.norm.weight, self.norm.bias, residual=residual, eps=self.norm.eps, prenorm=True,
-                residual_in_fp32=self.residual_in_fp32)
+                residual = fp32(residual)
+        else:
+            x = hidden_states if residual is None else self.drop_path(hidden_states)
+            if isinstance(self.norm, RMSNorm):  # the norm's held kernel (the fused numba one on that path)
+                hidden_states, residual = self.norm.add_norm(x, residual, prenorm=True,
+                                                             residual_in_fp32=self.residual_in_fp32)
+            else:
+                hidden_states, residual = layer_norm_fn(x, self.norm.weight, self.norm.bias, residual=residual,
+                                                        eps=self.norm.eps, prenorm=True,
+                                                        residual_in_fp32=self.residual_in_fp32)
         return self.mixer(hidden_states, inference_params=inference_params), residual
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):

@@ -10,7 +10,7 @@ Inference only (no autograd), float32, any b, l, d. The math is upstream's fused
     kernel 1, per (direction, batch row, block of 16 time steps), in parallel:
         x_s  = x[s] forward, x[l-1-s] backward        (read by index: no flipped copy)
         xc_t = silu(bias + sum_k conv_weight[k] * x_{t-w+1+k})              -> xc (2, b, l, d)
-    x_dbl = x_proj(xc): one torch matmul for both directions               -> (2, b, l, r + 2n)
+    x_dbl = x_proj(xc): torch matmuls (`bimamba_v2.project_x`)            -> (2, b, l, r + 2n)
     kernel 2, per (batch row, block of channels), in parallel; both directions in turn:
         dt_t = softplus(dt_bias + dt_weight^T x_dbl[t, :r])    (dt_proj inside the scan)
         h_t  = exp(dt_t A) h_{t-1} + dt_t xc_t B_t,  B_t = x_dbl[t, r:r+n], h_0 = 0, h: (n, block)
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from mamba_ssm.ops import kernel_cache
+from mamba_ssm.ops.bimamba_v2 import project_x
 
 # Channels per scan work item: larger blocks spend less per (step, state row) on loop set-up (on
 # this x86 machine, 1 thread: 32 channels 1.48 ms per Vim-Tiny layer, 64 1.36, 128 1.25), smaller
@@ -307,15 +308,17 @@ def _task(items, *fields):
 
 # ---- the entry point -----------------------------------------------------------------------------
 
-def supports(x, *params):
-    """Whether `bimamba_v2_numba` (x: in_proj's output) or `add_rms_norm` (x: the block's input)
-    takes a call with these other tensors (None allowed) in its layouts: all float32 on the CPU,
-    the others contiguous, nothing recording autograd. Any b, l, d, n, r, w."""
-    params = tuple(t for t in params if t is not None)
-    tensors = (x,) + params
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and all(t.is_contiguous() for t in params)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+def _check_inputs(**tensors):
+    """ValueError unless every given tensor (None allowed) is float32 on the CPU and records no
+    autograd: the kernels read raw float32 memory. The weights' layouts are the caller's contract
+    (`bimamba_v2.stack_directions` builds them); this guards the activations of each call."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"the fused numba kernels take float32 CPU tensors, got {name} {t.dtype} on {t.device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"the fused numba kernels run inference only, but {name} records autograd")
 
 
 def _channel_block(b, d, threads):
@@ -331,17 +334,21 @@ def _ptr(t):
 
 
 def bimamba_v2_numba(xz, conv_weight, conv_bias, x_proj, dt_proj_weight, dt_proj_bias, A, D, if_divide_out):
-    """Both directions of a v2 mixer, before out_proj (inference, float32: see `supports`).
+    """Both directions of a v2 mixer, before out_proj (inference; float32 CPU tensors, the weights
+    contiguous, as `bimamba_v2.stack_directions` lays them out).
 
     xz: (b, l, 2d) = [x, z] on the last dim (in_proj's output)
     conv_weight: (2, w, d) (conv1d.weight (d, 1, w) transposed, per direction); conv_bias: (2, d) or None
-    x_proj: callable (2, b, l, d) -> (2, b, l, r + 2n) = [dt_in, B, C] (a torch matmul)
+    x_proj: both directions' x_proj as `bimamba_v2.project_x` takes it (the stacked weights
+        transposed, (2, d, r + 2n), or int8 layers' packed weights): x_dbl = [dt_in, B, C]
     dt_proj_weight: (2, r, d) (dt_proj.weight (d, r) transposed); dt_proj_bias: (2, d)
     A: (2, n, d) = -exp(A_log) transposed;  D: (2, d)
     Returns y: (b, l, d) = (y_forward + flip(y_backward)) * silu(z) (/2 when if_divide_out).
-    Raises RuntimeError when the kernels cannot be loaded (`load_error` says why).
+    Raises ValueError for activations that are not float32 CPU tensors or record autograd,
+    RuntimeError when the kernels cannot be loaded (`load_error` says why).
     """
     kernels = _kernels()
+    _check_inputs(xz=xz)
     b, l, d2 = xz.shape
     d, w, n, r = d2 // 2, conv_weight.shape[1], A.shape[1], dt_proj_weight.shape[1]
     threads = torch.get_num_threads()
@@ -352,7 +359,7 @@ def bimamba_v2_numba(xz, conv_weight, conv_bias, x_proj, dt_proj_weight, dt_proj
     items = 2 * b * -(-l // CONV_STEPS)
     task = _task(items, _ptr(xz), _ptr(conv_weight), _ptr(conv_bias), _ptr(xc), b, l, d, w, CONV_STEPS)
     _run(kernels, kernels.conv, task, items, threads)
-    x_dbl = x_proj(xc)
+    x_dbl = project_x(xc, x_proj)  # (2, b, l, r + 2n)
     if x_dbl.dtype != torch.float32 or not x_dbl.is_contiguous():
         x_dbl = x_dbl.to(torch.float32, memory_format=torch.contiguous_format)
     y = xz.new_empty(b, l, d)
@@ -366,11 +373,14 @@ def bimamba_v2_numba(xz, conv_weight, conv_bias, x_proj, dt_proj_weight, dt_proj
 
 
 def add_rms_norm(x, residual, weight, eps):
-    """Block's fused add + RMSNorm (inference, float32; see `supports`): x, residual (b, l, k) or
+    """Block's fused add + RMSNorm (inference; float32 CPU tensors): x, residual (..., k) or
     residual None; weight (k,). Returns (out, s) with s = x + residual (x itself without a
-    residual) and out = s / sqrt(mean(s^2) + eps) * weight, as `rms_norm_fn(..., prenorm=True)`."""
+    residual) and out = s / sqrt(mean(s^2) + eps) * weight, as `rms_norm_fn(..., prenorm=True)`.
+    Raises ValueError for other tensors, RuntimeError when the kernels cannot be loaded."""
     kernels = _kernels()
+    _check_inputs(x=x, residual=residual, weight=weight)
     x = x.contiguous()
+    weight = weight.contiguous()
     residual = None if residual is None else residual.contiguous()  # referenced until the kernel ran
     rows, k = x.numel() // x.shape[-1], x.shape[-1]
     out = x.new_empty(x.shape)

@@ -44,6 +44,8 @@ import pathlib
 import tempfile
 import warnings
 
+from mamba_ssm import env
+
 FORMAT = 2
 _MAGIC = "mamba_ssm-kernels"
 _MAX_BYTES = 64 << 20  # an entry is ~40 KB; anything this large is not one (and is not read whole)
@@ -64,12 +66,13 @@ class DamagedEntry(Exception):
 
 def cache_dirs():
     """The directories an entry is looked up in, in order (see the module docstring)."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return [pathlib.Path(os.environ["NUMBA_CACHE_DIR"])]
+    chosen = env.numba_cache_dir()
+    if chosen is not None:
+        return [chosen]
     dirs = [pathlib.Path(__file__).resolve().parent / "__pycache__"]
     try:
-        user = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
-    except (RuntimeError, KeyError):  # no home directory (a service without HOME or a passwd entry)
+        user = env.user_cache_dir()
+    except (RuntimeError, KeyError):  # no home directory
         return dirs
     return dirs + [user / "mamba_ssm"]
 

@@ -13,21 +13,25 @@ y_t = 2 Re(sum_n h_t * C_t) (each state stands for a conjugate pair); time-varyi
 real tensors with (real, imag) pairs interleaved along the last dim, (b, n, 2l) or (b, g, n, 2l),
 and a time-invariant B/C is a real or complex (d, n). These are upstream's conventions.
 
-Every public function dispatches per call (`causal_conv1d.backends`, family "selective_scan"):
+Every public `*_fn` function dispatches per call (`mamba_ssm.ops.backends.resolve_scan`, with the
+thread's `use_backend` choice), as upstream's do, to one of these implementations:
   "torch" -- `selective_scan_fast` (time-major in-place scan) and compositions of fast kernels;
   "numba" -- the same with the compiled numba scan kernel (inference, real A, time-varying B/C);
   "ref"   -- the `*_ref` functions: plain sequential loops, obviously correct;
   "cuda"  -- upstream's compiled `selective_scan_cuda`, for CUDA tensors, when installed.
+A model calls the implementations its kernel set names instead (`SCAN_IMPLS`, and
+`inner_no_out_proj` with the conv and scan fixed), without deciding again.
 Computation is in float32 (float64 stays float64); outputs come back in u's dtype.
 """
 
 import torch
 import torch.nn.functional as F
 
-from causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
+from causal_conv1d import causal_conv1d_fn
 from causal_conv1d.arg_checks import check_floating, shape_error
-from causal_conv1d import backends
-from mamba_ssm.ops.backends import resolve_scan
+from causal_conv1d.backends import device_type, extension
+from causal_conv1d.causal_conv1d_interface import CONV_IMPLS
+from mamba_ssm.ops.backends import EXTENSION, resolve_scan
 from mamba_ssm.ops.selective_scan_fast import scan_state_nd
 
 
@@ -169,7 +173,7 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     reference (b 1, d 256, n 16, l 512, one thread: 110-160 ms against 100-260 ms; real A with a
     time-invariant B: 5 ms against 50 ms). Autograd works in every case.
     """
-    return _selective_scan_time_major(scan_state_nd, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+    return _selective_scan_time_major("torch", u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                       return_last_state)
 
 
@@ -182,13 +186,18 @@ def numba_scan_state_nd(*args):
 
 def _selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False):
-    return _selective_scan_time_major(numba_scan_state_nd, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+    return _selective_scan_time_major("numba", u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                       return_last_state)
 
 
-def _selective_scan_time_major(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-    """The fast scans: time-major views into a `scan_state_nd` kernel (torch or numba)."""
+_STATE_ND = {"torch": scan_state_nd, "numba": numba_scan_state_nd}  # kernel name -> `scan_state_nd`
+
+
+def _selective_scan_time_major(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """The fast scans: time-major views into the `scan_state_nd` kernel named `kernel` ("torch" or
+    "numba")."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    scan = _STATE_ND[kernel]
     dtype = _compute_dtype(u)
     b, d, l = u.shape
     Bg, Cg = _values(B, A, dtype), _values(C, A, dtype)  # (b, g, n, l) or time-invariant (d, n)
@@ -241,7 +250,7 @@ class _CudaScan(torch.autograd.Function):
         z = z if z is None or z.stride(-1) == 1 else z.contiguous()
         ctx.squeeze_B, ctx.squeeze_C = B.dim() == 3, C.dim() == 3
         B, C = _groups(B), _groups(C)
-        out, x, *rest = backends.extension("selective_scan").fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out, x, *rest = extension(EXTENSION).fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         ctx.delta_softplus = delta_softplus
         ctx.has_z = z is not None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
@@ -253,7 +262,7 @@ class _CudaScan(torch.autograd.Function):
     def backward(ctx, dout, *unused):
         u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = backends.extension("selective_scan").bwd(
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = extension(EXTENSION).bwd(
             u, delta, A, B, C, D, z, delta_bias, dout, x, out if ctx.has_z else None, None,
             ctx.delta_softplus, False)
         dB = dB.squeeze(1) if ctx.squeeze_B else dB
@@ -269,22 +278,29 @@ def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return _CudaScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-_SCAN_IMPLS = {"cuda": _selective_scan_cuda, "torch": selective_scan_fast, "numba": _selective_scan_numba,
-               "ref": selective_scan_ref}
+# implementation name -> function; all take selective_scan_ref's arguments
+SCAN_IMPLS = {"cuda": _selective_scan_cuda, "torch": selective_scan_fast, "numba": _selective_scan_numba,
+              "ref": selective_scan_ref}
 
 
-def _numba_unsupported(u, A, B, C):
-    """Why the numba scan kernel cannot take this call, or None (it runs d / groups channels per scan)."""
-    g = max(t.shape[1] if t.dim() == 4 else 1 for t in (B, C))
-    if A.is_complex():
+def numba_unsupported(dtype, channels, *, complex_A=False, time_invariant=False):
+    """Why the numba scan kernel cannot take a scan of u's `dtype` with `channels` per group of B/C,
+    or None (it runs 32 channels per work item)."""
+    if complex_A:
         return "complex A"
-    if B.dim() == 2 or C.dim() == 2:
+    if time_invariant:
         return "time-invariant B or C"
-    if u.dtype not in (torch.float32, torch.float64):
-        return f"dtype {u.dtype} (float32 or float64 only)"
-    if u.dim() == 3 and (u.shape[1] // g) % 32:
-        return f"{u.shape[1] // g} channels per group (a multiple of 32 needed)"
+    if dtype not in (torch.float32, torch.float64):
+        return f"dtype {dtype} (float32 or float64 only)"
+    if channels % 32:
+        return f"{channels} channels per group (a multiple of 32 needed)"
     return None
+
+
+def _call_unsupported(u, A, B, C):
+    groups = max(t.shape[1] if t.dim() == 4 else 1 for t in (B, C))
+    channels = u.shape[1] // groups if u.dim() == 3 else 32  # a u of another rank: the argument checks say so
+    return numba_unsupported(u.dtype, channels, complex_A=A.is_complex(), time_invariant=B.dim() == 2 or C.dim() == 2)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -297,9 +313,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    backend = resolve_scan(u, needs_grad=needs_grad, numba_unsupported=_numba_unsupported(u, A, B, C),
+    backend = resolve_scan(device_type(u), needs_grad=needs_grad, numba_unsupported=_call_unsupported(u, A, B, C),
                            numba_kernels="scan")
-    return _SCAN_IMPLS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return SCAN_IMPLS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, checkpoint_lvl, B=None, C=None):
@@ -380,30 +396,41 @@ def inner_projections(x, x_proj_weight, delta_proj_weight, B=None, C=None, B_pro
     return delta, B, C
 
 
+# implementation name -> the conv / scan of a composed inner path; "fn": the public function,
+# which dispatches per call
+_CONVS = {**CONV_IMPLS, "fn": causal_conv1d_fn}
+_SCANS = {**SCAN_IMPLS, "fn": selective_scan_fn}
+
+
 def _inner_no_out_proj(conv, scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                        A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus, A_b=None):
     """conv -> projections -> scan for one direction; with A_b, also the flipped direction
-    sharing conv and projections (bimamba v1). Returns (b, d, l)."""
+    sharing conv and projections (bimamba v1). conv, scan: implementation names (keys of _CONVS,
+    _SCANS). Returns (b, d, l)."""
+    conv_impl, scan_impl = _CONVS[conv], _SCANS[scan]
     x, z = xz.chunk(2, dim=1)
-    x = conv(x, conv1d_weight.squeeze(1), conv1d_bias, activation="silu")
+    x = conv_impl(x, conv1d_weight.squeeze(1), conv1d_bias, activation="silu")
     delta, B, C = inner_projections(x, x_proj_weight, delta_proj_weight, B, C, B_proj_bias, C_proj_bias,
                                     pairs=A.is_complex())
-    y = scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    y = scan_impl(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if A_b is not None:
         flip = lambda t: t.flip(-1)
-        y = y + flip(scan(flip(x), flip(delta), A_b, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus))
+        y = y + flip(scan_impl(flip(x), flip(delta), A_b, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus))
     return y
 
 
-def _ref_primitives():
-    return (lambda x, w, b, activation: causal_conv1d_ref(x, w, b, activation=activation)), selective_scan_ref
-
-
-def _primitives(xz):
-    """Conv and scan for a fused path: the references under "ref", else the dispatching ops."""
-    if backends.current_backend() == "ref":
-        return _ref_primitives()
-    return (lambda x, w, b, activation: causal_conv1d_fn(x, w, b, activation=activation)), selective_scan_fn
+def inner_no_out_proj(conv, scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B=None,
+                      C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None, delta_softplus=True,
+                      A_b=None):
+    """`mamba_inner_fn_no_out_proj` (A_b None) or `bimamba_inner_fn_no_out_proj` on the conv and
+    scan implementations named `conv` ("ref", "torch" or "cuda") and `scan` ("ref", "torch",
+    "numba" or "cuda"), chosen beforehand (a model's kernel set binds them): no decision per call.
+    Same shapes and results as those functions."""
+    _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, 1, B, C)
+    if A_b is not None:
+        _check_A_b(A, A_b, B, C)
+    return _inner_no_out_proj(conv, scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                              A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus, A_b=A_b)
 
 
 def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
@@ -420,7 +447,7 @@ def mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, de
     checkpoint_lvl is accepted for compatibility (it tunes the CUDA backward's memory use).
     """
     _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, checkpoint_lvl, B, C)
-    return _inner_no_out_proj(*_primitives(xz), xz, conv1d_weight, conv1d_bias, x_proj_weight,
+    return _inner_no_out_proj("fn", "fn", xz, conv1d_weight, conv1d_bias, x_proj_weight,
                               delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                               delta_softplus)
 
@@ -442,7 +469,7 @@ def bimamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, 
     flipped sequence), y = scan(x) + flip(scan(flip(x))): returns (b, d, l)."""
     _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, checkpoint_lvl, B, C)
     _check_A_b(A, A_b, B, C)
-    return _inner_no_out_proj(*_primitives(xz), xz, conv1d_weight, conv1d_bias, x_proj_weight,
+    return _inner_no_out_proj("fn", "fn", xz, conv1d_weight, conv1d_bias, x_proj_weight,
                               delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                               delta_softplus, A_b=A_b)
 
@@ -462,7 +489,7 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
                     B_proj_bias=None, C_proj_bias=None, delta_softplus=True):
     """`mamba_inner_fn` computed with `causal_conv1d_ref` and `selective_scan_ref`."""
     _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, 1, B, C)
-    y = _inner_no_out_proj(*_ref_primitives(), xz, conv1d_weight, conv1d_bias, x_proj_weight,
+    y = _inner_no_out_proj("ref", "ref", xz, conv1d_weight, conv1d_bias, x_proj_weight,
                            delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                            delta_softplus)
     return _out_proj(y, out_proj_weight, out_proj_bias)
@@ -474,7 +501,7 @@ def bimamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_
     """`bimamba_inner_fn` computed with `causal_conv1d_ref` and `selective_scan_ref`."""
     _check_inner_args(xz, conv1d_weight, x_proj_weight, delta_proj_weight, A, 1, B, C)
     _check_A_b(A, A_b, B, C)
-    y = _inner_no_out_proj(*_ref_primitives(), xz, conv1d_weight, conv1d_bias, x_proj_weight,
+    y = _inner_no_out_proj("ref", "ref", xz, conv1d_weight, conv1d_bias, x_proj_weight,
                            delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                            delta_softplus, A_b=A_b)
     return _out_proj(y, out_proj_weight, out_proj_bias)

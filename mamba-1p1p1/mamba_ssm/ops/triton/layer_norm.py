@@ -1,90 +1,20 @@
-"""RMSNorm / LayerNorm with a fused residual add, in plain PyTorch (upstream uses Triton).
-
-    s   = x + residual            (or x alone)
-    out = s / sqrt(mean(s^2) + eps) * weight (+ bias)          rms_norm_fn
-    out = (s - mean(s)) / sqrt(var(s) + eps) * weight (+ bias)  layer_norm_fn
-Statistics are computed in float32 (float64 stays float64); `out` has x's dtype. With prenorm
-the sum s is returned too (as the next residual): in the incoming residual's dtype, or for
-the first block in float32 when residual_in_fp32 (else x's dtype).
-
-`rms_norm_fn` chooses per call (`causal_conv1d.backends`, family "selective_scan"): on "numba"
-the fused add + RMSNorm kernel of `bimamba_v2_numba` (inference, float32, with a weight and no
-bias), else the formula below.
-"""
+"""mamba 1.1.1's module path for the norms: the functions (`ops.norms`) and the `RMSNorm` module."""
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from causal_conv1d.arg_checks import check_floating, shape_error
-from mamba_ssm.ops.backends import resolve_scan
+from mamba_ssm.modules.backend_choice import KernelHolder
+from mamba_ssm.ops.norms import layer_norm_fn, rms_norm_fn
 
-
-def _check_norm_args(x, weight, bias, residual):
-    check_floating(x=x, weight=weight, bias=bias, residual=residual)
-    hidden = x.shape[-1:]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.shape != hidden:
-            raise shape_error(name, f"(hidden,) = {tuple(hidden)} like x's last dim", t)
-    if residual is not None and residual.shape != x.shape:
-        raise shape_error("residual", f"{tuple(x.shape)} like x", residual)
+__all__ = ["RMSNorm", "layer_norm_fn", "rms_norm_fn"]
 
 
-def _add_residual(x, residual, residual_in_fp32):
-    """s = x + residual in float32 (or float64), and the dtype s is returned in: an incoming
-    residual keeps its dtype; the first one is float32 when residual_in_fp32, else x's dtype."""
-    compute = torch.promote_types(x.dtype, torch.float32)
-    if residual is not None:
-        return x.to(compute) + residual.to(compute), residual.dtype
-    return x.to(compute), compute if residual_in_fp32 else x.dtype
+class RMSNorm(KernelHolder, nn.Module):
+    """RMSNorm over the last dim: a `weight` parameter, `bias` registered as None.
 
-
-def _finish(out, s, x, prenorm, residual_dtype):
-    out = out.to(x.dtype)
-    return (out, s.to(residual_dtype)) if prenorm else out
-
-
-def _numba_unsupported(x, weight, bias, residual):
-    """Why the numba add + RMSNorm kernel cannot take this call, or None."""
-    if weight is None or bias is not None:
-        return "an RMSNorm without a weight or with a bias"
-    if any(t.dtype != torch.float32 for t in (x, weight, residual) if t is not None):
-        return "dtypes other than float32"
-    return None
-
-
-def rms_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False):
-    """x, residual: (..., hidden); weight, bias: (hidden,) or None. See the module docstring."""
-    _check_norm_args(x, weight, bias, residual)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    if resolve_scan(x, needs_grad=needs_grad, numba_unsupported=_numba_unsupported(x, weight, bias, residual)) == "numba":
-        from mamba_ssm.ops import bimamba_v2_numba  # loaded by the backend module already
-
-        out, s = bimamba_v2_numba.add_rms_norm(x, residual, weight, eps)
-        return (out, s) if prenorm else out
-    s, residual_dtype = _add_residual(x, residual, residual_in_fp32)
-    out = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        out = out * weight.to(s.dtype)
-    if bias is not None:
-        out = out + bias.to(s.dtype)
-    return _finish(out, s, x, prenorm, residual_dtype)
-
-
-def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
-                  is_rms_norm=False):
-    """Like `rms_norm_fn`, with LayerNorm statistics unless is_rms_norm."""
-    if is_rms_norm:
-        return rms_norm_fn(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
-    _check_norm_args(x, weight, bias, residual)
-    s, residual_dtype = _add_residual(x, residual, residual_in_fp32)
-    out = F.layer_norm(s, s.shape[-1:], None if weight is None else weight.to(s.dtype),
-                       None if bias is None else bias.to(s.dtype), eps)
-    return _finish(out, s, x, prenorm, residual_dtype)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm over the last dim: a `weight` parameter, `bias` registered as None."""
+    Runs the norm kernel of its kernel set (`KernelHolder`: resolved when built, moved, loaded or
+    told a backend with `set_backend`), not a per-call choice.
+    """
 
     def __init__(self, hidden_size, eps=1e-5, dropout_p=0.0, device=None, dtype=None):
         super().__init__()
@@ -92,9 +22,18 @@ class RMSNorm(nn.Module):
         self.drop = nn.Dropout(dropout_p) if dropout_p > 0.0 else None
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.register_parameter("bias", None)
+        self._init_kernels()
+
+    def _kernel_request(self):
+        return dict(device=self.weight.device.type, dtype=self.weight.dtype, needs=("norm",))
 
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        """x, residual: (..., hidden) -> out, or (out, x + residual) with prenorm (see `add_norm`)."""
         if self.drop is not None:
             x = self.drop(x)
-        return rms_norm_fn(x, self.weight, self.bias, residual=residual, eps=self.eps, prenorm=prenorm,
-                           residual_in_fp32=residual_in_fp32)
+        return self.add_norm(x, residual, prenorm, residual_in_fp32)
+
+    def add_norm(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        """`rms_norm_fn` with this module's weight, eps and norm kernel, without the dropout: the
+        fused add + norm that `Block` and Vim's final norm run. x, residual: (..., hidden)."""
+        return self.kernels_for_call().norm(x, self.weight, self.bias, residual, self.eps, prenorm, residual_in_fp32)
