@@ -37,13 +37,8 @@ readonly QEMU=qemu-aarch64-static
 readonly KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 readonly GUEST_PYTHON=usr/bin/python3.11
 
-# What a Pi reports about itself: qemu CPU model | MIDR_EL1 | /proc/cpuinfo Features |
-# device-tree model | board revision code.
-declare -A PROFILE_INFO=(
-    [pi4]="cortex-a72|0x410fd083|fp asimd evtstrm crc32 cpuid|Raspberry Pi 4 Model B Rev 1.4|d03114"
-    [pi5]="cortex-a76|0x414fd0b1|fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp|Raspberry Pi 5 Model B Rev 1.0|d04170"
-)
-readonly PROFILE_INFO
+# shellcheck source=scripts/arm64/pi_profiles.sh
+source "$HERE/pi_profiles.sh"  # PI_PROFILES, pi_cpu, pi_model, write_pi_identity
 
 passed=0
 failed=0
@@ -177,24 +172,12 @@ build_site() {
 }
 
 # Per-profile root for QEMU_LD_PREFIX: the shared sysroot plus a Pi's /proc/cpuinfo, MIDR
-# registers and device-tree model. qemu looks up absolute paths under the prefix first, so the
-# guest reads these instead of the host's x86 files (torch's cpuinfo cannot parse those).
+# registers and device-tree model (see pi_profiles.sh).
 make_profile_root() {
-    local root=$1 sysroot=$2 midr=$3 features=$4 model=$5 revision=$6 ncpu i entry
-    ncpu=$(nproc --all)
-    mkdir -p "$root/proc/device-tree"
+    local root=$1 sysroot=$2 profile=$3 entry
+    mkdir -p "$root"
     for entry in "$sysroot"/*; do ln -s "$entry" "$root/"; done
-    for ((i = 0; i < ncpu; i++)); do
-        printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: %s\n' "$i" "$features"
-        printf 'CPU implementer\t: 0x%02x\nCPU architecture: 8\nCPU variant\t: 0x%x\n' \
-            $((midr >> 24 & 0xff)) $((midr >> 20 & 0xf))
-        printf 'CPU part\t: 0x%03x\nCPU revision\t: %d\n\n' $((midr >> 4 & 0xfff)) $((midr & 0xf))
-        mkdir -p "$root/sys/devices/system/cpu/cpu$i/regs/identification"
-        printf '0x%016x\n' $((midr)) >"$root/sys/devices/system/cpu/cpu$i/regs/identification/midr_el1"
-    done >"$root/proc/cpuinfo"
-    printf 'Revision\t: %s\nSerial\t\t: 10000000c0ffee00\nModel\t\t: %s\n' \
-        "$revision" "$model" >>"$root/proc/cpuinfo"
-    printf '%s\0' "$model" >"$root/proc/device-tree/model"
+    write_pi_identity "$root" "$profile"
 }
 
 # The aarch64 "python" for one profile: a host script that runs the guest interpreter under
@@ -251,11 +234,12 @@ EOF
 
 # Set up one profile and start its checks in the background (pid in $started_pid).
 start_profile() {
-    local name=$1 sysroot=$2 site=$3 cpu midr features model revision dir
-    IFS='|' read -r cpu midr features model revision <<<"${PROFILE_INFO[$name]}"
+    local name=$1 sysroot=$2 site=$3 cpu model dir
+    cpu=$(pi_cpu "$name")
+    model=$(pi_model "$name")
     dir=$RUN/$name
     mkdir -p "$dir"
-    make_profile_root "$dir/root" "$sysroot" "$midr" "$features" "$model" "$revision"
+    make_profile_root "$dir/root" "$sysroot" "$name"
     write_wrapper "$dir/python3" "$dir/root" "$sysroot" "$site" "$cpu" "$name"
     log "$name: running the checks as a $model ($cpu)"
     (cd "$dir" && exec timeout -k 10 "$TIMEOUT" "$dir/python3" -m pytest \
@@ -287,7 +271,7 @@ run_profiles() {
 main() {
     local name
     for name in "${PROFILES[@]}"; do
-        [[ -n ${PROFILE_INFO[$name]:-} ]] || die "unknown profile '$name' (known: ${!PROFILE_INFO[*]})"
+        [[ -n ${PI_PROFILES[$name]:-} ]] || die "unknown profile '$name' (known: ${!PI_PROFILES[*]})"
     done
     mkdir -p "$CACHE"
     ensure_host_tools
