@@ -263,6 +263,33 @@ def test_fast_and_ref_gradients_match_oracle(dtype, tol):
             assert rel_err(g, w) <= tol, (fn.__name__, name)
 
 
+
+def _backward_elements(l):
+    """Elements written by all the ops of one backward through the fast scan at length l."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Count.elements += sum(o.numel() for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
+            return out
+
+    inputs = make_scan_inputs(1, 8, 4, l, None, torch.float32, seed=9)
+    leaves = [inputs[k].requires_grad_() for k in ("u", "delta", "A", "B", "C")]
+    out = selective_scan_fast(*leaves)
+    with Count():
+        out.sum().backward()
+    return Count.elements
+
+
+def test_fast_backward_work_is_linear_in_length():
+    """Doubling l doubles what the backward writes (per-step indexing made it quadratic: each
+    step's backward wrote a zero tensor as long as the whole sequence, 20 s per Vim-Tiny step)."""
+    short, long = _backward_elements(64), _backward_elements(128)
+    assert long / short < 2.5, (short, long)
+
 # ---- selective_state_update -----------------------------------------------------------------
 
 def test_state_update_matches_formula_in_place():

@@ -78,8 +78,10 @@ def _scan_autograd(dt, dtx, A, B, C, h0):
     dBx = dtx.unsqueeze(-1) * B.unsqueeze(-2)  # (l, *batch, d, n)
     h = torch.zeros_like(dBx[0]) if h0 is None else h0
     states = []
-    for t in range(dt.shape[0]):
-        h = torch.addcmul(dBx[t], dA[t], h)
+    # unbind, not dA[t]: each indexing's backward would write a zero tensor the size of all l
+    # steps (O(l^2) memory traffic: 20 s instead of 1 s for a Vim-Tiny backward); unbind's is one stack
+    for dBx_t, dA_t in zip(dBx.unbind(0), dA.unbind(0)):
+        h = torch.addcmul(dBx_t, dA_t, h)
         states.append(h)
     hs = torch.stack(states)
     y = torch.matmul(C.unsqueeze(-2), hs.transpose(-1, -2)).squeeze(-2)
