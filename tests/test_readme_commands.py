@@ -28,7 +28,11 @@ Substitutions (the only changes made to a command before it runs):
 | `vim/serve_rpi.py` (port 8000 by default) | `... --port PORT` | a free port |
 | `localhost:8000` (curl) | `localhost:PORT` | the same port |
 | `/path/to/imagenet` | `DIR` | the small ImageFolder tree below |
-| `--epochs N` (main.py training) | `--epochs N/10` | a training step of full-size Vim-Tiny takes 10-15 s on the 2-core CI machine (its backward); 10 + 10 epochs would take many minutes |
+| `--epochs N` (main.py training) | `--epochs N/10` | time: a step takes 6-15 s (see below) |
+
+Fine-tuning as written would take minutes: a training step of full-size Vim-Tiny (one image) takes
+6-15 s on the 2-core CI machine, nearly all of it the backward pass, so `--epochs 10` and then 20
+on 2 images is 40 steps. With N/10 the two training commands run 2 steps each.
 
 Files the commands name, created in the sandbox: `cat.jpg`, `photo.jpg` (JPEG) and `dog.png`
 (PNG), small images drawn with PIL; `photos/` (two JPEGs, one in a sub-directory, and a PNG that
@@ -229,9 +233,9 @@ def _infer_args(args):
 
 def check_infer(sandbox, command, result):
     """infer_rpi.py on images (or the bundled sample): a top-5 per image, text or JSON."""
+    assert result.returncode == 0, result.describe()
     assignments, args = _env_and_args(result.command)
     opts = _infer_args(args)
-    assert result.returncode == 0, result.describe()
     name, _, _ = RELEASED[opts.model]
     images = opts.images or [str(SAMPLE)]
     if not opts.images:
@@ -353,6 +357,7 @@ def check_main_train(sandbox, command, result):
 
 def _classify_answer(body, topk):
     answer = json.loads(body)
+    assert set(answer) == {"model", "topk", "timing_ms"}, answer
     assert answer["model"] == RELEASED[DEFAULT_MODEL][0], answer
     _check_topk(answer["topk"], topk)
     assert set(answer["timing_ms"]) == {"queue", "preprocess", "inference"}, answer
