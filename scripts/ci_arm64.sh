@@ -38,7 +38,7 @@ readonly KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 readonly GUEST_PYTHON=usr/bin/python3.11
 
 # shellcheck source=scripts/arm64/pi_profiles.sh
-source "$HERE/pi_profiles.sh"  # PI_PROFILES, pi_cpu, pi_model, write_pi_identity
+source "$HERE/pi_profiles.sh"  # PI_PROFILES, check_profiles, pi_cpu, pi_model, write_pi_identity
 
 passed=0
 failed=0
@@ -269,10 +269,7 @@ run_profiles() {
 }
 
 main() {
-    local name
-    for name in "${PROFILES[@]}"; do
-        [[ -n ${PI_PROFILES[$name]:-} ]] || die "unknown profile '$name' (known: ${!PI_PROFILES[*]})"
-    done
+    check_profiles "${PROFILES[@]}"
     mkdir -p "$CACHE"
     ensure_host_tools
     # One run at a time per cache: builds are renamed into place and old entries pruned.

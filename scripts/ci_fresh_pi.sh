@@ -83,7 +83,7 @@ if [[ ${VIM_FRESH_PI_NAMESPACE:-} != 1 ]]; then
 fi
 
 # shellcheck source=scripts/arm64/pi_profiles.sh
-source "$REPO/scripts/arm64/pi_profiles.sh"  # PI_PROFILES, pi_cpu, pi_model, write_pi_identity
+source "$REPO/scripts/arm64/pi_profiles.sh"  # PI_PROFILES, check_profiles, pi_cpu, pi_model, write_pi_identity
 
 RUN=
 registered=0
@@ -383,9 +383,7 @@ show_suite() {
 main() {
     local suite name started=$SECONDS
     local -A pids=()
-    for name in "${PROFILES[@]}"; do
-        [[ -n ${PI_PROFILES[$name]:-} ]] || die "unknown profile '$name' (known: ${!PI_PROFILES[*]})"
-    done
+    check_profiles "${PROFILES[@]}"
     if ((${#PROFILES[@]} == 0 || ${#SUITES[@]} == 0)); then die "no suites or no profiles to run"; fi
     mkdir -p "$CACHE/pip"
     chown "$PI_UID:$PI_UID" "$CACHE/pip"

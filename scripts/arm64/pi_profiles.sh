@@ -13,6 +13,14 @@ declare -A PI_PROFILES=(
     [pi5]="cortex-a76|0x414fd0b1|fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp|Raspberry Pi 5 Model B Rev 1.0|d04170"
 )
 
+# check_profiles NAME...: die (the sourcing script's) unless every NAME is a known profile.
+check_profiles() {
+    local name
+    for name in "$@"; do
+        [[ -n ${PI_PROFILES[$name]:-} ]] || die "unknown profile '$name' (known: ${!PI_PROFILES[*]})"
+    done
+}
+
 # pi_cpu PROFILE: the qemu CPU model (QEMU_CPU) of a profile.
 pi_cpu() {
     echo "${PI_PROFILES[$1]%%|*}"
