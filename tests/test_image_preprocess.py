@@ -350,7 +350,7 @@ def test_path_problems_are_image_errors_for_a_library_caller(tmp_path):
 
 
 def test_a_fifo_put_in_place_after_the_check_is_refused_without_blocking(tmp_path, monkeypatch):
-    from vim_rpi import image_preprocess, paths
+    from vim_rpi import paths
 
     path = tmp_path / "swapped.jpg"
     os.mkfifo(path)

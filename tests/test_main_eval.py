@@ -16,7 +16,6 @@ from PIL import Image
 from vim_rpi import checkpoint_io, factory, image_preprocess
 from vim_rpi import engine
 from vim_rpi import folder_dataset
-from vim_rpi import image_preprocess
 from vim_rpi import main
 import vim_rpi
 
