@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 import vim_rpi
-from vim_rpi import checkpoint_io, streams
+from vim_rpi import checkpoint_io, image_preprocess, streams
 from vim_rpi.classifier import Classifier
-from vim_rpi.errors import SourceError
+from vim_rpi.errors import ImageError, SourceError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "vim" / "infer_rpi.py"
@@ -153,7 +153,8 @@ def test_missing_video_file_and_camera_index_are_one_line(assets, processes, tmp
     not_a_video = tmp_path / "notes.avi"
     not_a_video.write_text("not a video\n")
     for source, needle in ((tmp_path / "nope.mp4", "no such file"), (not_a_video, "cannot read this video"),
-                           ("99", "camera 99")):
+                           ("99", "camera 99"), (tmp_path, "a directory, not a regular file"),
+                           ("99999999999999999999", "no such camera index"), ("²", "²: no such file")):
         code, out, err = _run(processes, ["--video", source, "-c", assets / "small.pth", "-q"])
         assert code == 4 and out == ""
         assert len(err.splitlines()) == 1 and needle in err, err
@@ -484,6 +485,29 @@ def test_every_path_problem_is_one_failed_item_in_paths_from(assets, processes, 
         assert process.returncode == 4 and "Traceback" not in err, err
         _check_results(_json_lines(out), err, paths + entries)
 
+
+def test_a_path_holding_a_nul_byte_is_one_failed_item(assets, processes):
+    """`find -print0` piped in by mistake: os.stat raises ValueError (not OSError) on a NUL byte;
+    the line is one failed item and the stream goes on."""
+    good = str(assets / "a.jpg")
+    assert "NUL byte" in streams.image_paths(f"{good}\0{good}")[0].problem
+    with pytest.raises(ImageError, match="NUL byte"):
+        image_preprocess.load_image(f"{good}\0")
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--paths-from", "-", "--json", "-c",
+                                str(assets / "small.pth"), "-t", "1", "-k", "1", "-q"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    processes.append(process)
+    out, err = process.communicate(os.fsencode(f"{good}\0{good}\0\n{good}\n"), timeout=60)
+    results, err = _json_lines(out), err.decode()
+    assert process.returncode == 4 and "Traceback" not in err, err
+    assert "NUL byte" in results[0]["error"] and set(results[1]) == {"image", "topk", "timing_ms"}, results
+
+
+def test_a_missing_paths_from_file_is_reported_before_the_model_loads(processes, tmp_path):
+    """The checkpoint is missing too: the --paths-from error (exit 4), not the checkpoint's (exit 3),
+    shows that nothing was loaded first."""
+    code, out, err = _run(processes, ["--paths-from", tmp_path / "list.txt", "-c", tmp_path / "missing.pth"])
+    assert (code, out, err) == (4, "", f"error: --paths-from {tmp_path / 'list.txt'}: no such file\n")
 
 def test_image_paths_never_raises_and_never_opens(tmp_path):
     os.mkfifo(tmp_path / "pipe.jpg")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 try:
-    from vim_rpi import cli, pi_camera, streams
+    from vim_rpi import cli, paths, pi_camera, streams
     from vim_rpi.classifier import Classifier, check_topk
     from vim_rpi.errors import ConfigError, ImageError, SourceError
     from vim_rpi.runtime import peak_rss_mb
@@ -191,11 +191,11 @@ def failed(image, message: str) -> dict:
     return {"image": image, "error": message}
 
 
-def classify_paths(clf: Classifier, paths, topk: int, recursive: bool):
-    """Yield the result of each image the paths name (a directory: its images, sorted; one error
-    result when it holds none). A path that cannot be read (missing, no permission, a FIFO...)
+def classify_paths(clf: Classifier, given, topk: int, recursive: bool):
+    """Yield the result of each image the paths `given` name (a directory: its images, sorted; one
+    error result when it holds none). A path that cannot be read (missing, no permission, a FIFO...)
     is one error result, and the paths after it are still classified."""
-    for path in paths:
+    for path in given:
         entries = streams.image_paths(path, recursive)
         if not entries:
             yield failed(path, f"{path}: no image files in this directory" + ("" if recursive else " (--recursive descends)"))
@@ -280,6 +280,9 @@ def run_video(args) -> int:
 
 def run_paths(args) -> int:
     """--paths-from: classify each path as its line arrives; one result per path, in order."""
+    problem = None if args.paths_from == "-" else paths.stat_path(args.paths_from)[0]
+    if problem:  # before the model loads (seconds on a Pi); not opened yet: a FIFO waits for its writer
+        raise SourceError(f"--paths-from {problem}")
     clf = load(args)
     try:
         lines = sys.stdin.buffer if args.paths_from == "-" else open(args.paths_from, "rb")

@@ -2,7 +2,7 @@
 reader of such a path shares (image files and directories, checkpoints).
 
 Nothing here opens a file (opening a FIFO waits for a writer) and nothing raises: each OSError of
-a stat becomes its cause in words (missing, a dangling symbolic link, a name too long, no
+a stat (and the ValueError of a path holding a NUL byte) becomes its cause in words (missing, a dangling symbolic link, a name too long, no
 permission on the file or on a directory on the way, ...). Python 3.11's Path.exists(),
 is_file() and is_dir() raise on ENAMETOOLONG and EACCES, so they are not used for this.
 """
@@ -24,6 +24,8 @@ def stat_path(path):
         return None, os.stat(path).st_mode
     except OSError as error:
         return f"{os.fspath(path)}: {cause(path, error)}", None
+    except ValueError:  # the only one os.stat raises: a NUL byte, which no file name can hold
+        return f"{os.fspath(path)!r}: the path holds a NUL byte, which no file name can; give one path per line", None
 
 
 def not_regular(path, mode):
@@ -49,7 +51,7 @@ def is_missing(path):
         os.lstat(path)
     except FileNotFoundError:
         return True
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return False
     return False
 

@@ -89,16 +89,19 @@ class OpenCVSource:
             target = spec if isinstance(spec, int) else device
             self._capture = _quietly(cv2, lambda: cv2.VideoCapture(target, backend))
             if not self._capture.isOpened():
+                self._capture.release()
                 reason = ("no such device" if linux and not os.path.exists(device)
                           else "in use by another program, or not a video capture device")
                 raise SourceError(f"{self.name} could not be opened: {reason}")
             self.fps = None
         else:
             self.name = str(spec)
-            if not os.path.isfile(spec):
-                raise SourceError(f"{spec}: no such file")
+            problem = paths.file_problem(spec)
+            if problem:
+                raise SourceError(problem)
             self._capture = _quietly(cv2, lambda: cv2.VideoCapture(str(spec)))
             if not self._capture.isOpened():
+                self._capture.release()
                 raise SourceError(f"{spec}: OpenCV cannot read this video (not a video, or a codec its "
                                   "build lacks)")
             fps = self._capture.get(cv2.CAP_PROP_FPS)
@@ -171,7 +174,9 @@ def open_video(spec, *, picam_fps=None, picam_mode=None):
     /dev/v4l/by-id/...) or a video file (name a file called "0" as "./0")."""
     if spec == "picam":
         return pi_camera.PiCameraSource(pi_camera.PICAM_FPS if picam_fps is None else picam_fps, picam_mode)
-    if spec.isdigit():
+    if spec.isascii() and spec.isdigit():
+        if int(spec) >= 2**31:  # OpenCV takes a C int; no machine has that many cameras
+            raise SourceError(f"camera {spec}: no such camera index; give a small number (0 = /dev/video0)")
         return OpenCVSource(int(spec))
     return OpenCVSource(spec)
 
