@@ -202,6 +202,7 @@ def test_builtin_augmentation():
     ("checkpoint path is a directory", 2, "checkpoint.pth is a directory"),
     ("output dir cannot be made", 2, "cannot create --output-dir"),
     ("checkpoint cannot be written", 1, "cannot write to --output-dir"),
+    ("image over the budget", 4, "over the 0.001 MB budget per image"),
 ])
 def test_training_bad_inputs(tmp_path, setup, capsys, monkeypatch, case, code, message):
     args = ["--finetune", str(setup["init"]), "--data-path", str(setup["data"]), "--epochs", "1",
@@ -230,6 +231,8 @@ def test_training_bad_inputs(tmp_path, setup, capsys, monkeypatch, case, code, m
     elif case == "output dir cannot be made":
         (tmp_path / "file").write_text("")
         args += ["--output-dir", str(tmp_path / "file" / "out")]
+    elif case == "image over the budget":  # a 36x36 PNG needs about 0.005 MB; training honours the budget too
+        args += ["--max-image-mb", "0.001"]
     elif case == "checkpoint cannot be written":  # e.g. the disk filled up during the epoch
         monkeypatch.setattr(checkpoint_io.torch, "save", _failing_save)
         args += ["--output-dir", str(tmp_path / "out")]

@@ -101,14 +101,15 @@ class FolderDataset(torch.utils.data.Dataset):
             raise SampleError(f"cannot read {path}: {quoted(exc)}") from None
 
 
-def augmented(transform):
-    """A FolderDataset loader for training: decode (`image_preprocess.load_image`), then
-    `transform` (PIL RGB image -> tensor (3, H, W), e.g. `build_train_transform`'s)."""
-    return functools.partial(_load_and_transform, transform)
+def augmented(transform, max_image_mb=image_preprocess.DEFAULT_MAX_IMAGE_MB):
+    """A FolderDataset loader for training: decode (`image_preprocess.load_image`, within the
+    per-image memory budget `max_image_mb`), then `transform` (PIL RGB image -> tensor (3, H, W),
+    e.g. `build_train_transform`'s)."""
+    return functools.partial(_load_and_transform, transform, max_image_mb)
 
 
-def _load_and_transform(transform, path):
-    return transform(image_preprocess.load_image(path))
+def _load_and_transform(transform, max_image_mb, path):
+    return transform(image_preprocess.load_image(path, max_image_mb=max_image_mb))
 
 
 class RandomResizedCropFlip:

@@ -267,17 +267,19 @@ def evaluate_checkpoint(args, config) -> dict:
 
 # ---------------------------------------------------------------- training
 
-def training_datasets(data_path, model, input_size: int):
+def training_datasets(data_path, model, input_size: int, max_image_mb: float):
     """(train dataset, val dataset or None, description of the augmentation); validation uses the
-    evaluation transform of the model's pretrained cfg, as --eval does."""
+    evaluation transform of the model's pretrained cfg, as --eval does; both decode within the
+    per-image memory budget `max_image_mb`."""
     root = Path(data_path)
     if (root / "val").is_dir() and not (root / "train").is_dir():
         raise DatasetError(
             f"{root} has val/ but no train/: put the training images in {root}/train/<class>/")
     transform, augmentation = folder_dataset.build_train_transform(input_size)
     train_set = folder_dataset.FolderDataset(folder_dataset.split_dir(root, "train"),
-                                             folder_dataset.augmented(transform))
-    val_preprocess = image_preprocess.preprocessor(model.pretrained_cfg, input_size, exact=True)
+                                             folder_dataset.augmented(transform, max_image_mb))
+    val_preprocess = image_preprocess.preprocessor(model.pretrained_cfg, input_size, exact=True,
+                                                   max_image_mb=max_image_mb)
     val_set = eval_dataset(root, val_preprocess) if (root / "val").is_dir() else None
     if val_set is not None and val_set.classes != train_set.classes:
         raise DatasetError(
@@ -367,7 +369,8 @@ def prepare_training(args, config) -> TrainingRun:
     seed_everything(args.seed)  # the same new head on every rank
     device = torch.device(config.device)
     model, info, state = starting_model(args, config)
-    train_set, val_set, augmentation = training_datasets(args.data_path, model, info["input_size"])
+    train_set, val_set, augmentation = training_datasets(args.data_path, model, info["input_size"],
+                                                         config.max_image_mb)
     adapt_head(model, info, len(train_set.classes), resuming=state is not None)
     model.to(device)
     model.set_backend(config.backend)  # checked when the config was made, before anything was loaded
