@@ -501,7 +501,7 @@ def test_loaded_without_numba_after_the_first_run(pristine, tmp_path):
 # ---- the set-up check --------------------------------------------------------------------------
 
 @needs_numba
-def test_check_refuses_kernels_that_compute_something_else(pristine, tmp_path):
+def test_check_refuses_kernels_that_compute_something_else(files, pristine, tmp_path):
     """An entry whose checks pass but whose code is wrong (a constant changed and the header
     made to match: a miscompile would look the same) is caught against the pure-PyTorch path."""
     header, obj = _split(pristine["data"])
@@ -511,8 +511,18 @@ def test_check_refuses_kernels_that_compute_something_else(pristine, tmp_path):
     check = _run([sys.executable, "-m", "mamba_ssm.kernel_check"], _env(NUMBA_CACHE_DIR=tmp_path))
     assert check.returncode == 1, check.stderr
     [line] = check.stdout.splitlines()
-    assert line.startswith("the fused numba kernels differ from the pure-PyTorch path by ")
-    assert "SELECTIVE_SCAN_CPU_BACKEND=torch" in line
+    path = tmp_path / pristine["name"]
+    assert line.startswith("the fused numba kernels will not be used: they differ from the pure-PyTorch path by ")
+    assert f"marked {path} as wrong" in line
+    # later processes refuse the marked entry: the pure-PyTorch path, one warning naming the marker
+    done, report = _classify(files, tmp_path)
+    assert done.returncode == 0, done.stderr
+    _assert_torch_result(files, report)
+    assert report["backend"]["selective_scan"] == "torch"
+    [warning] = _warnings(done.stderr)
+    assert f"found the kernels in {path} wrong" in warning and f"delete {path}.rejected" in warning
+    again = _run([sys.executable, "-m", "mamba_ssm.kernel_check"], _env(NUMBA_CACHE_DIR=tmp_path))
+    assert again.returncode == 1 and "will not run (RuntimeError: set-up's check found" in again.stdout
 
 
 @needs_numba

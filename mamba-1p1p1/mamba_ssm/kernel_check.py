@@ -55,7 +55,7 @@ def _norm_difference():
 def check():
     """(whether the fused kernels will run, a one-line report). Never raises for a failure of
     the kernels: the report says what failed."""
-    from mamba_ssm.ops import bimamba_v2_numba
+    from mamba_ssm.ops import bimamba_v2_numba, kernel_cache
 
     with warnings.catch_warnings(record=True) as caught:  # the cache's warnings join the report
         warnings.simplefilter("always")
@@ -68,10 +68,18 @@ def check():
     if error is not None:
         return False, f"the fused numba kernels will not run ({error}); the pure-PyTorch path will"
     notes = "".join(f"; warning: {w.message}" for w in caught)
-    if not difference <= TOL:  # NaN included
-        return False, (f"the fused numba kernels differ from the pure-PyTorch path by {difference:.2g} "
-                       f"(tolerance {TOL:g}); run with SELECTIVE_SCAN_CPU_BACKEND=torch and report it{notes}")
     path = bimamba_v2_numba.warm_up()  # loaded already
+    if not difference <= TOL:  # NaN included
+        wrong = f"they differ from the pure-PyTorch path by {difference:.2g} (tolerance {TOL:g})"
+        if path is None:
+            after = "they are not cached (each process compiles them): run with SELECTIVE_SCAN_CPU_BACKEND=torch"
+        else:
+            try:
+                kernel_cache.reject(path, wrong)
+                after = f"marked {path} as wrong, so models run the pure-PyTorch path (and say why)"
+            except OSError as e:
+                after = f"{path} could not be marked ({e.strerror or e}): run with SELECTIVE_SCAN_CPU_BACKEND=torch"
+        return False, f"the fused numba kernels will not be used: {wrong}; {after}; please report it{notes}"
     where = f"cached in {path}" if path is not None else "not cached"
     return True, (f"ok: the fused numba kernels match the pure-PyTorch path (largest difference "
                   f"{difference:.1e}), {where}{notes}")

@@ -32,6 +32,10 @@ Whatever goes wrong is said once per process, in one RuntimeWarning naming the f
                             pure-PyTorch path runs, cheaper than a compile in every process
     no writable directory   a compile in every process: the warning names the directories, the
                             cost and NUMBA_CACHE_DIR
+    a rejected entry        set-up's check (`reject`) found its kernels computing something else
+                            than the pure-PyTorch path: `load` refuses it (RuntimeError), so models
+                            run the pure-PyTorch path and say why once, until the marker
+                            `<entry>.rejected` is deleted or a new numba, CPU or source changes the key
 """
 
 import contextlib
@@ -241,6 +245,30 @@ class Code:
         self._engine, self.path, self.addresses = engine, path, addresses
 
 
+def _rejection(path):
+    return path.with_name(f"{path.name}.rejected")
+
+
+def reject(path, reason):
+    """Mark the entry at `path` as computing wrong results (`reason`: one line): `load` then
+    refuses it. Raises OSError when the marker cannot be written."""
+    write(_rejection(path), reason.encode())
+
+
+def _refused(path):
+    """The RuntimeError for an entry `reject` marked, or None."""
+    marker = _rejection(path)
+    try:
+        with open(marker, "rb") as f:
+            reason = f.read(1000).decode(errors="replace").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        reason = f"the marker cannot be read: {e.strerror or e}"
+    return RuntimeError(f"set-up's check found the kernels in {path} wrong ({reason}); delete {marker} "
+                        "to use them again after a fix")
+
+
 def _find(paths, key, kernel_names):
     """The first valid entry: (path, its bytes' (object, metadata)) or (None, None), and
     {path: what is wrong} for the damaged ones before it."""
@@ -275,6 +303,9 @@ def load(name, sources, define_kernels, kernel_names):
     key = _cache_key(cpu, (*sources, pathlib.Path(__file__).resolve()))
     paths = [directory / f"{name}-{key}.kernels" for directory in cache_dirs()]
     path, entry, damaged = _find(paths, key, kernel_names)
+    refused = path and _refused(path)
+    if refused:
+        raise refused
     problems = []
     if entry is None:
         unwritable = {}  # directory -> why an entry cannot be written there
