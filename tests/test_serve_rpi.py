@@ -417,6 +417,9 @@ def test_a_busy_port_is_one_line_and_exit_5_before_anything_loads(tmp_path):
     help_text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
                                timeout=TIMEOUT).stdout
     assert "5 cannot listen on --host/--port" in help_text
+    codes = help_text.split("exit status:")[1]
+    assert "0 stopped by SIGTERM or Ctrl-C" in codes and "3 checkpoint" in codes
+    assert "training" not in codes and "4 " not in codes and "130" not in codes  # the CLIs' codes, not the server's
 
 
 @pytest.mark.slow

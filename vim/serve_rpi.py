@@ -51,7 +51,10 @@ limits (README.md, "Limits and guarantees"): upload bodies in memory <= --upload
 environment:
   {TOKEN_ENV}            the token, if --token is not given
 
-{cli.EXIT_CODES_HELP}  {EXIT_LISTEN} cannot listen on --host/--port (the port is in use, no permission, not this machine's address);
+exit status:
+  {cli.EXIT_OK} stopped by SIGTERM or Ctrl-C (after the queued requests), {cli.EXIT_USAGE} usage error (a LAN address
+  without a token included), {cli.EXIT_CHECKPOINT} checkpoint could not be fetched or loaded,
+  {EXIT_LISTEN} cannot listen on --host/--port (the port is in use, no permission, not this machine's address);
      checked before anything loads.
 """
 
