@@ -38,7 +38,7 @@ readonly KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 readonly GUEST_PYTHON=usr/bin/python3.11
 
 # shellcheck source=scripts/arm64/pi_profiles.sh
-source "$HERE/pi_profiles.sh"  # PI_PROFILES, check_profiles, pi_cpu, pi_model, write_pi_identity
+source "$HERE/pi_profiles.sh"  # PI_PROFILES, check_profiles, pi_cpu, pi_model, write_pi_identity, lock_cache
 
 passed=0
 failed=0
@@ -272,13 +272,7 @@ main() {
     check_profiles "${PROFILES[@]}"
     mkdir -p "$CACHE"
     ensure_host_tools
-    # One run at a time per cache: builds are renamed into place and old entries pruned.
-    exec 9>"$CACHE/.lock"
-    if ! flock -n 9; then
-        log "waiting for another ci_arm64.sh run to finish"
-        flock 9
-    fi
-    rm -rf "$CACHE"/.build-*  # left by an interrupted build
+    lock_cache "$CACHE"
 
     RUN=$(mktemp -d "${TMPDIR:-/tmp}/vim-arm64.XXXXXX")
     mkdir "$RUN/python"

@@ -83,7 +83,7 @@ if [[ ${VIM_FRESH_PI_NAMESPACE:-} != 1 ]]; then
 fi
 
 # shellcheck source=scripts/arm64/pi_profiles.sh
-source "$REPO/scripts/arm64/pi_profiles.sh"  # PI_PROFILES, check_profiles, pi_cpu, pi_model, write_pi_identity
+source "$REPO/scripts/arm64/pi_profiles.sh"  # PI_PROFILES, check_profiles, pi_cpu, pi_model, write_pi_identity, lock_cache
 
 RUN=
 registered=0
@@ -388,12 +388,7 @@ main() {
     mkdir -p "$CACHE/pip"
     chown "$PI_UID:$PI_UID" "$CACHE/pip"
     ensure_host_tools
-    exec 9>"$CACHE/.lock"
-    if ! flock -n 9; then
-        log "waiting for another ci_fresh_pi.sh run to finish"
-        flock 9
-    fi
-    rm -rf "$CACHE"/.build-*  # left by an interrupted build
+    lock_cache "$CACHE"
     RUN=$(mktemp -d "${TMPDIR:-/tmp}/vim-fresh-pi.XXXXXX")
     chmod 755 "$RUN"
     register_binfmt

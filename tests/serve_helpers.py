@@ -15,6 +15,7 @@ import time
 import uuid
 import zlib
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -49,6 +50,20 @@ def png_header_only(width, height):
 
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
         chunk(b"IEND", b"")
+
+
+def sample_images(seed):
+    """The encoded images every server test sends: a good PNG and JPEG, a truncated JPEG, text,
+    and a PNG header claiming 40000 x 40000 pixels (a decompression bomb)."""
+    rng = np.random.default_rng(seed)
+    jpeg = encode(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8), "JPEG", quality=90)
+    return {
+        "png": encode(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), "PNG"),
+        "jpg": jpeg,
+        "truncated": jpeg[: len(jpeg) // 3],
+        "text": b"not an image\n",
+        "bomb": png_header_only(40_000, 40_000),
+    }
 
 
 def free_port():

@@ -21,7 +21,7 @@ from vim_rpi import Classifier, checkpoint_io
 pytest.importorskip("fastapi", reason="the server's packages: pip install -r scripts/requirements-serve.txt")
 
 import hostile_images  # noqa: E402
-from serve_helpers import (TIMEOUT, Server, classify, encode, png_header_only, read_answer, request,  # noqa: E402
+from serve_helpers import (TIMEOUT, Server, classify, encode, read_answer, request, sample_images,  # noqa: E402
                            small_checkpoint, status_of, until)
 
 pytestmark = pytest.mark.slow  # servers under load, timeouts waited out
@@ -33,18 +33,10 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     torch.manual_seed(0)
     checkpoint_io.save_checkpoint(root / "tiny224.pth", vim_rpi.create_model("vim_tiny", num_classes=10))
-    rng = np.random.default_rng(2)
-    jpeg = encode(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8), "JPEG", quality=90)
     y, x = np.mgrid[0:5000, 0:5000]
-    images = {
-        "png": encode(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), "PNG"),
-        "jpg": jpeg,
-        "truncated": jpeg[: len(jpeg) // 3],
-        "text": b"not an image\n",
-        "bomb": png_header_only(40_000, 40_000),
-        # 82 KB that decode to 75 MB of pixels: about a second of decoding
-        "large": encode(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8), "PNG"),
-    }
+    images = sample_images(seed=2)
+    # 82 KB that decode to 75 MB of pixels: about a second of decoding
+    images["large"] = encode(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8), "PNG")
     return {"small": small_checkpoint(root / "small.pth"), "tiny224": root / "tiny224.pth", "images": images,
             "root": root}
 

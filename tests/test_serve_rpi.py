@@ -15,15 +15,14 @@ import time
 import uuid
 import warnings
 
-import numpy as np
 import pytest
 
 from vim_rpi import Classifier
 
 pytest.importorskip("fastapi", reason="the server's packages: pip install -r scripts/requirements-serve.txt")
 
-from serve_helpers import (ROOT, SCRIPT, TIMEOUT, Server, classify, encode, free_port, multipart,  # noqa: E402
-                           png_header_only, read_answer, request, send_raw, small_checkpoint)
+from serve_helpers import (ROOT, SCRIPT, TIMEOUT, Server, classify, free_port, multipart, read_answer,  # noqa: E402
+                           request, sample_images, send_raw, small_checkpoint)
 
 TOKEN = "s3cret-ключ"  # not ASCII: compared as the UTF-8 bytes a client sends
 AUTH = {"Authorization": f"Bearer {TOKEN}".encode()}
@@ -34,16 +33,7 @@ MAX_UPLOAD_MB = 1
 def files(tmp_path_factory):
     """A tiny checkpoint and encoded images."""
     root = tmp_path_factory.mktemp("serve")
-    rng = np.random.default_rng(1)
-    jpeg = encode(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8), "JPEG", quality=90)
-    images = {
-        "png": encode(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), "PNG"),
-        "jpg": jpeg,
-        "truncated": jpeg[: len(jpeg) // 3],
-        "text": b"not an image\n",
-        "bomb": png_header_only(40_000, 40_000),
-    }
-    return {"small": small_checkpoint(root / "small.pth"), "images": images, "root": root}
+    return {"small": small_checkpoint(root / "small.pth"), "images": sample_images(seed=1), "root": root}
 
 
 @pytest.fixture(scope="module")

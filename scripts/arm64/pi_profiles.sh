@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# What an emulated Raspberry Pi reports about itself, for scripts/ci_arm64.sh and
-# scripts/ci_fresh_pi.sh (sourced, bash). The qemu CPU model sets the instructions and the
+# What an emulated Raspberry Pi reports about itself, and how a run holds its cache, for
+# scripts/ci_arm64.sh and scripts/ci_fresh_pi.sh (sourced, bash). The qemu CPU model sets the instructions and the
 # hardware capabilities; the files written by write_pi_identity give what programs read from
 # /proc and /sys (torch's cpuinfo, LLVM's host CPU name and features), which under qemu user
 # mode would otherwise be the x86 host's. qemu looks an absolute path up under QEMU_LD_PREFIX
@@ -52,4 +52,15 @@ write_pi_identity() {
     printf 'Revision\t: %s\nSerial\t\t: 10000000c0ffee00\nModel\t\t: %s\n' \
         "$revision" "$model" >>"$dir/proc/cpuinfo"
     printf '%s\0' "$model" >"$dir/proc/device-tree/model"
+}
+
+# lock_cache DIR: one run at a time per cache directory (builds are renamed into place and old
+# entries pruned), holding fd 9 until the script exits; then clear what an interrupted build left.
+lock_cache() {
+    exec 9>"$1/.lock"
+    if ! flock -n 9; then
+        log "waiting for another $(basename "$0") run to finish"
+        flock 9
+    fi
+    rm -rf "$1"/.build-*
 }
