@@ -192,6 +192,22 @@ def test_module_made_under_inference_mode_sees_loads_and_rebuilds():
         assert rel_err(m(h), mixer_oracle(params64(m), h, "v2", True)) <= 1e-4
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_v2_with_one_direction_int8_runs_its_dequantized_weights(backend):
+    """Only x_proj int8 (x_proj_b float): the stacked kernels read both as dense weights, the
+    int8 one dequantized, so the mixer computes what a float x_proj holding those weights does."""
+    from mamba_ssm.modules.mamba_simple import dense_linear
+
+    m = torch.ao.quantization.quantize_dynamic(make_mixer("v2", if_divide_out=True).eval(), {"x_proj"}, torch.qint8)
+    h = hidden_states()
+    got = eval_forward(m.set_backend(backend), h)
+    weight, _ = dense_linear(m.x_proj)
+    m.x_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        m.x_proj.weight.copy_(weight)
+    assert rel_err(got, eval_forward(m.set_backend(backend), h)) <= 1e-5
+
 def test_inference_weights_are_built_once_not_per_forward(monkeypatch):
     """The first inference forward after eval() builds the weights; later ones reuse them (no cache
     keyed on tensor versions): an in-place change after that build is used once

@@ -51,16 +51,15 @@ def dense_linear(linear):
     return weight().dequantize(), linear.bias()
 
 
+def is_int8(linear):
+    """Whether `linear` is a dynamically quantized int8 Linear."""
+    return not isinstance(linear.weight, torch.Tensor) and linear.weight().dtype == torch.qint8
+
+
 def packed_int8(linear):
-    """A dynamically quantized int8 Linear's weights packed for torch.ops.quantized.linear_dynamic
-    (what its forward computes with), or None for another layer."""
-    weight = linear.weight
-    if isinstance(weight, torch.Tensor):
-        return None
-    qweight = weight()
-    if qweight.dtype != torch.qint8:
-        return None
-    return torch.ops.quantized.linear_prepack(qweight, linear.bias())
+    """An int8 Linear's (`is_int8`) weights packed for torch.ops.quantized.linear_dynamic (what
+    its forward computes with)."""
+    return torch.ops.quantized.linear_prepack(linear.weight(), linear.bias())
 
 
 class Mamba(KernelHolder, nn.Module):
@@ -195,7 +194,7 @@ class Mamba(KernelHolder, nn.Module):
         """One direction's weights ("" forward, "_b" backward) as tensors the kernels take; with
         pack, an int8 x_proj as its packed weights instead of dequantized ones."""
         conv, x_proj = getattr(self, "conv1d" + suffix), getattr(self, "x_proj" + suffix)
-        packed = packed_int8(x_proj) if pack else None
+        packed = packed_int8(x_proj) if pack else None  # pack: both directions' x_proj are int8
         dt_weight, dt_bias = dense_linear(getattr(self, "dt_proj" + suffix))
         return DirectionWeights(conv_weight=conv.weight, conv_bias=conv.bias,
                                 x_proj_weight=None if packed is not None else dense_linear(x_proj)[0],
@@ -206,7 +205,9 @@ class Mamba(KernelHolder, nn.Module):
         """Both directions' weights as `kernels`' mixer reads them: stacked, or per direction."""
         if not kernels.mixer_reads_stacked:
             return V2Weights(self._direction(), self._direction("_b"), None)
-        return V2Weights(None, None, stack_directions(self._direction(pack=True), self._direction("_b", pack=True)))
+        # the stacked kernels read one x_proj layout for the pair: packed only when both are int8
+        pack = is_int8(self.x_proj) and is_int8(self.x_proj_b)
+        return V2Weights(None, None, stack_directions(self._direction(pack=pack), self._direction("_b", pack=pack)))
 
     def _inner(self, kernels, xz):
         """The v1 / causal inner path on the held kernels: xz (b, 2*d_inner, l) -> (b, d_inner, l)."""

@@ -46,11 +46,10 @@ def fp32(t):
 class DirectionWeights:
     """One direction's inner-path weights, as `mamba_inner_fn_no_out_proj` takes them.
 
-    conv_weight (d, 1, w); conv_bias (d,) or None; x_proj_weight (r + 2n, d) (dequantized for an
-    int8 layer), or None when x_proj_packed holds the int8 layer's packed weights (else None);
-    dt_weight (d, r); dt_bias (d,)
-    (upstream's delta_bias, in the layer's dtype); A (d, n) = -exp(A_log) and D (d,), both float32
-    or float64.
+    conv_weight (d, 1, w); conv_bias (d,) or None; x_proj_weight (r + 2n, d), dequantized for an
+    int8 layer, or None when x_proj_packed holds that layer's packed weights; x_proj_packed: those,
+    else None; dt_weight (d, r); dt_bias (d,) (upstream's delta_bias, in the layer's dtype);
+    A (d, n) = -exp(A_log) and D (d,), both float32 or float64.
     """
 
     conv_weight: Tensor
@@ -117,7 +116,7 @@ def stack_directions(forward, backward):
 
     conv_weight = torch.stack([w.conv_weight.squeeze(1).t() for w in (forward, backward)])  # (2, w, d)
     conv_bias = None if forward.conv_bias is None else stack("conv_bias")  # (2, d)
-    if forward.x_proj_packed is not None and backward.x_proj_packed is not None:
+    if forward.x_proj_packed is not None:  # both packed, or neither
         x_proj = PackedPair(forward.x_proj_packed, backward.x_proj_packed)
     else:
         x_proj = stack("x_proj_weight").transpose(1, 2)  # (2, d, r + 2n), a view of (2, r + 2n, d)
