@@ -255,18 +255,20 @@ def reject(path, reason):
     write(_rejection(path), reason.encode())
 
 
-def _refused(path):
-    """The RuntimeError for an entry `reject` marked, or None."""
-    marker = _rejection(path)
-    try:
-        with open(marker, "rb") as f:
-            reason = f.read(1000).decode(errors="replace").strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        reason = f"the marker cannot be read: {e.strerror or e}"
-    return RuntimeError(f"set-up's check found the kernels in {path} wrong ({reason}); delete {marker} "
-                        "to use them again after a fix")
+def _refuse_rejected(paths):
+    """Raise RuntimeError when `reject` marked one of the candidate entries `paths` (all of one
+    key, so all the same code: a recompile would bring the wrong kernels back)."""
+    for path in paths:
+        marker = _rejection(path)
+        try:
+            with open(marker, "rb") as f:
+                reason = f.read(1000).decode(errors="replace").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            reason = f"the marker cannot be read: {e.strerror or e}"
+        raise RuntimeError(f"set-up's check found the kernels in {path} wrong ({reason}); delete {marker} "
+                           "to use them again after a fix")
 
 
 def _find(paths, key, kernel_names):
@@ -302,10 +304,8 @@ def load(name, sources, define_kernels, kernel_names):
     machine, cpu = _target_machine(llvm)
     key = _cache_key(cpu, (*sources, pathlib.Path(__file__).resolve()))
     paths = [directory / f"{name}-{key}.kernels" for directory in cache_dirs()]
+    _refuse_rejected(paths)
     path, entry, damaged = _find(paths, key, kernel_names)
-    refused = path and _refused(path)
-    if refused:
-        raise refused
     problems = []
     if entry is None:
         unwritable = {}  # directory -> why an entry cannot be written there
