@@ -203,6 +203,7 @@ def test_builtin_augmentation():
     ("output dir cannot be made", 2, "cannot create --output-dir"),
     ("checkpoint cannot be written", 1, "cannot write to --output-dir"),
     ("image over the budget", 4, "over the 0.001 MB budget per image"),
+    ("data path name too long", 4, "name too long"),
 ])
 def test_training_bad_inputs(tmp_path, setup, capsys, monkeypatch, case, code, message):
     args = ["--finetune", str(setup["init"]), "--data-path", str(setup["data"]), "--epochs", "1",
@@ -231,6 +232,8 @@ def test_training_bad_inputs(tmp_path, setup, capsys, monkeypatch, case, code, m
     elif case == "output dir cannot be made":
         (tmp_path / "file").write_text("")
         args += ["--output-dir", str(tmp_path / "file" / "out")]
+    elif case == "data path name too long":
+        args[3] = str(tmp_path / ("x" * 300))
     elif case == "image over the budget":  # a 36x36 PNG needs about 0.005 MB; training honours the budget too
         args += ["--max-image-mb", "0.001"]
     elif case == "checkpoint cannot be written":  # e.g. the disk filled up during the epoch

@@ -40,8 +40,7 @@ def split_dir(data_path, split):
     if problem or not stat.S_ISDIR(mode):
         raise DatasetError(f"{problem or f'{root}: not a directory'}; {option('data_path')} takes a folder with one "
                            f"sub-folder per class, or with train/ and val/ inside")
-    _, split_mode = paths.stat_path(root / split)
-    return root / split if split_mode is not None and stat.S_ISDIR(split_mode) else root
+    return root / split if os.path.isdir(root / split) else root
 
 
 def find_classes(root):

@@ -272,7 +272,9 @@ def training_datasets(data_path, model, input_size: int, max_image_mb: float):
     evaluation transform of the model's pretrained cfg, as --eval does; both decode within the
     per-image memory budget `max_image_mb`."""
     root = Path(data_path)
-    if (root / "val").is_dir() and not (root / "train").is_dir():
+    # os.path.isdir: False for a name too long or no permission (Path.is_dir raises on 3.11),
+    # which split_dir then reports in one line
+    if os.path.isdir(root / "val") and not os.path.isdir(root / "train"):
         raise DatasetError(
             f"{root} has val/ but no train/: put the training images in {root}/train/<class>/")
     transform, augmentation = folder_dataset.build_train_transform(input_size)
@@ -280,7 +282,7 @@ def training_datasets(data_path, model, input_size: int, max_image_mb: float):
                                              folder_dataset.augmented(transform, max_image_mb))
     val_preprocess = image_preprocess.preprocessor(model.pretrained_cfg, input_size, exact=True,
                                                    max_image_mb=max_image_mb)
-    val_set = eval_dataset(root, val_preprocess) if (root / "val").is_dir() else None
+    val_set = eval_dataset(root, val_preprocess) if os.path.isdir(root / "val") else None
     if val_set is not None and val_set.classes != train_set.classes:
         raise DatasetError(
             f"{train_set.root} and {val_set.root} have different class folders")
