@@ -166,17 +166,21 @@ def build_models(args):
     return {"vim": vim, "vim int8": quantization.quantize_model(vim, "dynamic-int8"), "deit": deit}
 
 
+# (name, model, backend): the Vim variants on the fast kernels, then every batch-1 variant
+FAST_VIMS = [("vim fp32", "vim", "torch"), ("vim int8", "vim int8", "torch")]
+FAST_VIMS += [("vim numba", "vim", "numba")] if HAS_NUMBA else []
+BATCH1_VARIANTS = FAST_VIMS + [("vim ref", "vim", "ref"), ("deit fp32", "deit", "torch")]
+
+
 def plan(args):
     """The timed variants: dicts with name, model, backend ("torch" or "numba" on the fast path, or
     "ref"), threads, batch, runs."""
-    vims = [("vim fp32", "vim", "torch"), ("vim int8", "vim int8", "torch")]
-    vims += [("vim numba", "vim", "numba")] if HAS_NUMBA else []
     variants = []
     for threads in args.threads:
-        for name, model, backend in vims + [("vim ref", "vim", "ref"), ("deit fp32", "deit", "torch")]:
+        for name, model, backend in BATCH1_VARIANTS:
             runs = args.ref_repeats if backend == "ref" else args.repeats
             variants.append(dict(name=name, model=model, backend=backend, threads=threads, batch=1, runs=runs))
-    for name, model, backend in [v for v in vims if v[1] == "vim"] + [("deit fp32", "deit", "torch")]:
+    for name, model, backend in [v for v in FAST_VIMS if v[1] == "vim"] + [("deit fp32", "deit", "torch")]:
         variants.append(dict(name=name, model=model, backend=backend, threads=max(args.threads),
                              batch=THROUGHPUT_BATCH, runs=args.batch_repeats))
     return variants
@@ -461,9 +465,7 @@ def run(args):
     inputs = {b: torch.randn(b, 3, size, size, generator=generator) for b in (1, THROUGHPUT_BATCH)}
     runtime.set_threads(max(args.threads))
     report["dispatched_ops"] = {"method": "TorchDispatchMode: aten ops per batch-1 forward, views included"}
-    counted = [("vim fp32", "vim", "torch"), ("vim int8", "vim int8", "torch")]
-    counted += [("vim numba", "vim", "numba")] if HAS_NUMBA else []
-    for name, model, backend in counted + [("vim ref", "vim", "ref"), ("deit fp32", "deit", "torch")]:
+    for name, model, backend in BATCH1_VARIANTS:
         _log(f"counting dispatched ops: {name}")
         report["dispatched_ops"][name] = count_ops(models[model], inputs[1], backend)
     variants = plan(args)

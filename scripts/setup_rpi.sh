@@ -138,14 +138,14 @@ echo "== smoke test"
 import torch
 import mamba_ssm
 import vim_rpi
+from vim_rpi import cli
 
 model = vim_rpi.create_model("vim_tiny", depth=2, embed_dim=64, img_size=64).eval()
 with torch.inference_mode():
     logits = model(torch.randn(1, 3, 64, 64))
 assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
-kernels = mamba_ssm.kernel_report(model)  # what this model's forwards ran, as infer_rpi.py names it
-print(f"ok: torch {torch.__version__}, {torch.get_num_threads()} threads; kernels: mixer {kernels['mixer']} "
-      f"(conv {kernels['causal_conv1d']}, scan {kernels['selective_scan']}), norm {kernels['rms_norm']}")
+print(f"ok: torch {torch.__version__}, {torch.get_num_threads()} threads; "
+      f"kernels: {cli.kernels_text(mamba_ssm.kernel_report(model))}")
 PY
 echo
 echo "Done. Classify the bundled sample photo (downloads the Vim-Tiny weights, ~115 MB, on first use;"

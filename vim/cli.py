@@ -21,7 +21,7 @@ from vim_rpi.errors import (CheckpointError, ConfigError, DatasetError, Download
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_CHECKPOINT", "EXIT_DATA", "EXIT_INTERRUPTED",
            "add_model_arguments", "add_image_budget_argument", "add_checkpoint_arguments", "add_runtime_arguments",
-           "flag", "classifier_config", "setup", "run", "exit_status", "message"]
+           "flag", "classifier_config", "kernels_text", "setup", "run", "exit_status", "message"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -102,6 +102,13 @@ def add_runtime_arguments(parser):
 def flag(name):
     """The command line's spelling of option `name`: --max-image-mb for max_image_mb."""
     return "--" + name.replace("_", "-")
+
+
+def kernels_text(report):
+    """The kernels a model runs (`mamba_ssm.kernel_report`) as the front ends print them:
+    "mixer numba (conv numba, scan numba), norm numba"."""
+    return (f"mixer {report['mixer']} (conv {report['causal_conv1d']}, scan {report['selective_scan']}), "
+            f"norm {report['rms_norm']}")
 
 
 def classifier_config(parser, args, spell=flag, **values):

@@ -320,10 +320,8 @@ def print_result(result: dict) -> None:
 def print_text(report: dict) -> None:
     for result in report["results"]:
         print_result(result)
-    kernels = report["backend"]
     print(f"model {report['model']}, {_threads(report['threads'])}, quantize {report['quantize']}, "
-          f"torch {report['torch']}; kernels: mixer {kernels['mixer']} (conv {kernels['causal_conv1d']}, "
-          f"scan {kernels['selective_scan']}), norm {kernels['rms_norm']}")
+          f"torch {report['torch']}; kernels: {cli.kernels_text(report['backend'])}")
     print(f"load {report['timing_ms']['load']:.0f} ms, peak RSS {report['peak_rss_mb']:.0f} MB")
     if "benchmark" in report:
         bench = report["benchmark"]

@@ -192,14 +192,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def fetch_checkpoint(spec: str, quiet: bool) -> str:
-    """Make sure checkpoint `spec` (path, URL or Hub reference) is fetched, and return it for
-    loading. In a distributed job one process per machine downloads while the others wait, then
+def fetch_checkpoint(spec: str, quiet: bool) -> None:
+    """Make sure checkpoint `spec` (path, URL or Hub reference) is fetched before it is loaded.
+    In a distributed job one process per machine downloads while the others wait, then
     they find the file in the cache (or fail the same way); a single process fetches while
     loading, where a damaged cached download is fetched again."""
     rank, world = engine.rank_and_world()
     if world == 1:
-        return spec
+        return
     error = None
     if int(os.environ.get("LOCAL_RANK", rank)) == 0:
         try:
@@ -209,7 +209,6 @@ def fetch_checkpoint(spec: str, quiet: bool) -> str:
     dist.barrier()
     if error is not None:
         raise error
-    return spec
 
 
 def subset_indices(size: int, limit) -> list:
@@ -251,7 +250,7 @@ def format_eval(stats: dict) -> str:
 def evaluate_checkpoint(args, config) -> dict:
     """--eval: the report dict (see EPILOG)."""
     _, world = engine.rank_and_world()
-    fetch_checkpoint(args.resume, args.quiet)
+    fetch_checkpoint(config.checkpoint, args.quiet)
     clf = Classifier(config=config, tune_process=True, progress=not args.quiet, warmup=False)
     path = clf.checkpoint
     dataset = eval_dataset(args.data_path, clf.preprocessor)
@@ -299,7 +298,8 @@ def starting_model(args, config):
         return model, {"model": model.model_name, "checkpoint": None,
                        "num_classes": model.num_classes,
                        "input_size": model.patch_embed.img_size[0]}, None
-    model, info = factory.load_model(fetch_checkpoint(config.checkpoint, args.quiet), config.model,
+    fetch_checkpoint(config.checkpoint, args.quiet)
+    model, info = factory.load_model(config.checkpoint, config.model,
                                      trust_pickle=config.trust_checkpoint, input_size=config.input_size,
                                      progress=not args.quiet, **model_kwargs)
     state = None

@@ -169,8 +169,8 @@ def _refuse_pi_hardware_node(name, device):
 
 def open_video(spec, *, picam_fps=None, picam_mode=None):
     """A frame source for --video SOURCE: "picam" (the Pi camera module: at most `picam_fps` frames
-    a second [PICAM_FPS], from sensor mode `picam_mode` (w, h) [the full-field mode
-    `choose_sensor_mode` picks]), a camera index ("0"), a camera device path (/dev/video2,
+    a second [pi_camera.PICAM_FPS], from sensor mode `picam_mode` (w, h) [the full-field mode
+    `pi_camera.choose_sensor_mode` picks]), a camera index ("0"), a camera device path (/dev/video2,
     /dev/v4l/by-id/...) or a video file (name a file called "0" as "./0")."""
     if spec == "picam":
         return pi_camera.PiCameraSource(pi_camera.PICAM_FPS if picam_fps is None else picam_fps, picam_mode)
