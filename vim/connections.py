@@ -54,6 +54,7 @@ def guarded_protocol(*, head_timeout_s: float, max_connections: int):
             super().connection_made(transport)  # joins self.connections
             closing = sum(1 for c in self.connections if c.transport.is_closing())
             if len(self.connections) - closing > max_connections and not self._evict_one():
+                # retry-after: uploads.RETRY_AFTER_BUSY_S (a module of this layer: not imported)
                 transport.write(_json_answer(503, "Service Unavailable", f"the server has {max_connections} "
                                             f"connections open, all busy; retry shortly", ["retry-after: 1"]))
                 transport.close()

@@ -59,22 +59,23 @@ exit status:
 """
 
 
-# The server's bounds: (flag, type, default, metavar, what it bounds). Counts (int) are >= 1; sizes and
-# times (float, MB or seconds) > 0, except --grace-s, which may be 0.
+# The server's bounds: (flag, type, least value, default, metavar, what it bounds).
+_LEAST = {">= 1": lambda value: value >= 1, "> 0": lambda value: value > 0, ">= 0": lambda value: value >= 0}
 LIMITS = (
-    ("--queue", int, 16, "N", "most requests waiting for the model at once; more are answered 503"),
-    ("--max-batch", int, 8, "N", "most waiting requests run together in one forward; 1: no batching"),
-    ("--decoders", int, 2, "N", "threads decoding images beside the model; a large image holds up only one"),
-    ("--uploads", int, 8, "N", "most uploads in memory at once (from their first byte until decoded); more are "
-                               "answered 503"),
-    ("--max-upload-mb", float, 20.0, "MB", "larger uploads are refused with 413"),
-    ("--upload-idle-s", float, 10.0, "S", "an upload that sends nothing for this long is refused with 408"),
-    ("--upload-timeout-s", float, 60.0, "S", "an upload that takes longer in all is refused with 408"),
-    ("--header-timeout-s", float, 10.0, "S", "a request's line and headers must arrive within this time of the "
-                                             "connection opening (or of the previous answer), or it is closed"),
-    ("--keep-alive-s", float, 5.0, "S", "an idle connection is closed after this long without a byte"),
-    ("--max-connections", int, 64, "N", "most connections open at once; one more closes the one idle the longest"),
-    ("--grace-s", float, 10.0, "S", "on SIGTERM/SIGINT, time left for queued requests; the rest get 503"),
+    ("--queue", int, ">= 1", 16, "N", "most requests waiting for the model at once; more are answered 503"),
+    ("--max-batch", int, ">= 1", 8, "N", "most waiting requests run together in one forward; 1: no batching"),
+    ("--decoders", int, ">= 1", 2, "N", "threads decoding images beside the model; a large image holds up only one"),
+    ("--uploads", int, ">= 1", 8, "N", "most uploads in memory at once (from their first byte until decoded); more are "
+                                       "answered 503"),
+    ("--max-upload-mb", float, "> 0", 20.0, "MB", "larger uploads are refused with 413"),
+    ("--upload-idle-s", float, "> 0", 10.0, "S", "an upload that sends nothing for this long is refused with 408"),
+    ("--upload-timeout-s", float, "> 0", 60.0, "S", "an upload that takes longer in all is refused with 408"),
+    ("--header-timeout-s", float, "> 0", 10.0, "S", "a request's line and headers must arrive within this time of the "
+                                                    "connection opening (or of the previous answer), or it is closed"),
+    ("--keep-alive-s", float, "> 0", 5.0, "S", "an idle connection is closed after this long without a byte"),
+    ("--max-connections", int, ">= 1", 64, "N", "most connections open at once; one more closes the one idle "
+                                                "the longest"),
+    ("--grace-s", float, ">= 0", 10.0, "S", "on SIGTERM/SIGINT, time left for queued requests; the rest get 503"),
 )
 
 
@@ -94,10 +95,8 @@ def add_server_arguments(parser):
     parser.add_argument("--allowed-origins", default="", metavar="ORIGINS",
                         help="other sites whose pages may use the API, comma-separated (e.g. "
                              "http://dashboard.lan:3000); * for any [none: cross-origin requests get 403]")
-    for flag, kind, default, metavar, text in LIMITS:
+    for flag, kind, _, default, metavar, text in LIMITS:
         parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} [%(default)s]")
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,19 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port_in_range(port):
+    return 0 <= port <= 65535
+
+
+def _needs_token(args, is_loopback):
+    """Serving a non-loopback address without a token, not told --insecure-no-token."""
+    return not (is_loopback(args.host) or args.token or args.insecure_no_token)
+
+
 def check_args(parser, args) -> None:
     """Usage errors (exit 2) before anything slow."""
     from vim_rpi import access, cli
 
-    if not 0 <= args.port <= 65535:
+    if not _port_in_range(args.port):
         parser.error(f"--port must be in 0..65535, got {args.port}")
-    for flag, kind, *_ in LIMITS:
+    for flag, _, least, *_ in LIMITS:
         value = getattr(args, flag[2:].replace("-", "_"))
-        if kind is int and value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
-        if kind is float and not (value >= 0 if flag == "--grace-s" else value > 0):
-            parser.error(f"{flag} must be {'>= 0' if flag == '--grace-s' else '> 0'}, got {value}")
-    if not access.is_loopback(args.host) and not args.token and not args.insecure_no_token:
+        if not _LEAST[least](value):  # NaN included
+            parser.error(f"{flag} must be {least}, got {value}")
+    if _needs_token(args, access.is_loopback):
         parser.error(f"serving {args.host} needs a token (--token or {TOKEN_ENV}): anyone on the network could "
                      f"use the API; to serve it open anyway, add --insecure-no-token")
     args.config = cli.classifier_config(parser, args)
@@ -172,7 +178,7 @@ def _listen_early(argv):
         from vim_rpi.access import is_loopback
     except (ValueError, ModuleNotFoundError):
         return None
-    if not 0 <= args.port <= 65535 or not (is_loopback(args.host) or args.token or args.insecure_no_token):
+    if not _port_in_range(args.port) or _needs_token(args, is_loopback):
         return None
     return listen(args.host, args.port)
 
@@ -192,6 +198,12 @@ def _raise_open_file_limit(max_connections):
                          target)
 
 
+def _cannot_listen(error):
+    """The one line for an address that cannot be listened on (`listen`'s OSError), and its exit status."""
+    print(f"error: {error.strerror}", file=sys.stderr)
+    return EXIT_LISTEN
+
+
 def _exit_quietly(signum, frame):
     """SIGTERM/SIGINT outside uvicorn's own handling (before it starts, or when it re-raises the
     signal after its graceful shutdown): a clean exit 0."""
@@ -205,8 +217,7 @@ def main(argv=None) -> int:
     try:
         sock = _listen_early(argv)
     except OSError as error:
-        print(f"error: {error.strerror}", file=sys.stderr)
-        return EXIT_LISTEN
+        return _cannot_listen(error)
     try:
         import uvicorn
 
@@ -224,8 +235,7 @@ def main(argv=None) -> int:
         try:
             sock = listen(args.host, args.port)
         except OSError as error:
-            print(f"error: {error.strerror}", file=sys.stderr)
-            return EXIT_LISTEN
+            return _cannot_listen(error)
     _raise_open_file_limit(args.max_connections)
     if args.insecure_no_token and not args.token:
         _log.warning("warning: serving %s without a token (--insecure-no-token): anyone who reaches it can use "

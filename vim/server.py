@@ -36,19 +36,21 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 import vim_rpi
+from vim_rpi import cli
 from vim_rpi.access import HostAndOrigin, host_names, token_matches
 from vim_rpi.batcher import Batcher, NotReady, QueueFull, ShuttingDown
 from vim_rpi.classifier import Classifier, ClassifierConfig
 from vim_rpi.errors import ConfigError, ImageError, ImageTooLargeError
-from vim_rpi.uploads import IMAGE_FIELD, UploadError, UploadSlots, read_image
+from vim_rpi.uploads import (IMAGE_FIELD, RETRY_AFTER_STOPPING_S, UploadError, UploadSlots, busy, read_image,
+                              stopping)
 
 __all__ = ["Settings", "create_app"]
+
+_QUEUE_FULL = "the queue is full; retry shortly"
 
 _log = logging.getLogger("vim_rpi.serve")
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
-_RETRY_AFTER_FULL_S = 1  # a full queue drains within a few forwards
-_RETRY_AFTER_LOADING_S = 5  # loading takes seconds on a Pi; so does a restart
 
 
 @dataclasses.dataclass
@@ -108,24 +110,8 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-class ApiError(Exception):
-    """An answer other than success: status, message and extra headers."""
-
-    def __init__(self, status, message, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
 def _error(status, message, headers=None):
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _busy(message):
-    return ApiError(503, message, {"Retry-After": str(_RETRY_AFTER_FULL_S)})
-
-
-def _stopping(message):
-    return ApiError(503, message, {"Retry-After": str(_RETRY_AFTER_LOADING_S)})
 
 
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
@@ -183,8 +169,8 @@ async def _result(future, stopped, request):
         if result.done():
             return result.result()
         if stopped.is_set():
-            raise _stopping("the server shut down before this request ran; retry when it is back")
-        raise ApiError(400, "the client disconnected before the answer")
+            raise stopping("the server shut down before this request ran; retry when it is back")
+        raise UploadError(400, "the client disconnected before the answer")
     finally:  # also when this task is cancelled
         for task in (result, *watchers):
             task.cancel()
@@ -233,7 +219,6 @@ def create_app(settings: Settings) -> FastAPI:
                        origins=settings.allowed_origins)
     app.add_middleware(_AccessLog)  # added last: the outermost, so refusals are logged too
 
-    @app.exception_handler(ApiError)
     @app.exception_handler(UploadError)
     async def api_error(request, exc):
         return _error(exc.status, exc.message, exc.headers)
@@ -256,7 +241,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def require_token(request: Request):  # async: a plain function would take a worker thread per request
         """Dependency of /v1/*: the bearer token, when one is set."""
         if settings.token and not token_matches(request.headers.get("authorization"), settings.token):
-            raise ApiError(401, "missing or wrong token: send the header Authorization: Bearer <token>",
+            raise UploadError(401, "missing or wrong token: send the header Authorization: Bearer <token>",
                            {"WWW-Authenticate": "Bearer"})
 
     def not_ready_message():
@@ -267,7 +252,7 @@ def create_app(settings: Settings) -> FastAPI:
     def classifier():
         """The loaded Classifier, or 503 while loading or shutting down."""
         if not batcher.ready:
-            raise _stopping(not_ready_message())
+            raise stopping(not_ready_message())
         return batcher.classifier
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
@@ -280,32 +265,30 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             topk = clf.check_topk(topk if "topk" in request.query_params else None)
         except ConfigError as error:
-            raise ApiError(422, str(error)) from None
+            raise UploadError(422, str(error)) from None
         if batcher.waiting >= batcher.queue_size:  # refused before its upload is read
-            raise _busy("the queue is full; retry shortly")
+            raise busy(_QUEUE_FULL)
         claim = slots.claim()
         try:
             data = await read_image(request, limit=limit, idle_s=settings.upload_idle_s,
                                     total_s=settings.upload_timeout_s, stopped=stopped, claim=claim)
             future = batcher.submit(data, topk, on_release=claim.release)
-        except QueueFull:
+        except BaseException as error:  # a refusal, or this task cancelled: the slot is free again
             claim.release()
-            raise _busy("the queue is full; retry shortly") from None
-        except (NotReady, ShuttingDown) as error:
-            claim.release()
-            raise _stopping(str(error)) from None
-        except BaseException:  # any other refusal, or this task cancelled
-            claim.release()
+            if isinstance(error, QueueFull):
+                raise busy(_QUEUE_FULL) from None
+            if isinstance(error, (NotReady, ShuttingDown)):
+                raise stopping(str(error)) from None
             raise
         del data  # the batcher holds the only reference now: it frees the bytes and the slot once decoded
         try:
             prediction = await _result(future, stopped, request)
         except ImageTooLargeError as error:  # the budget is the server's option: name it as its command line does
-            raise ApiError(413, error.render(lambda name: f"the server's --{name.replace('_', '-')}")) from None
+            raise UploadError(413, error.render(lambda name: f"the server's {cli.flag(name)}")) from None
         except ImageError as error:
-            raise ApiError(422, str(error)) from None
+            raise UploadError(422, str(error)) from None
         except ShuttingDown as error:
-            raise _stopping(f"{error}; retry when it is back") from None
+            raise stopping(f"{error}; retry when it is back") from None
         return {"model": clf.model_name, "topk": prediction.topk, "timing_ms": prediction.timing_ms}
 
     @v1.get("/info", responses={status: _ERRORS[status] for status in (401, 503)})
@@ -329,7 +312,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def readyz():
         """200 once the model is loaded and warmed up, 503 before (and while shutting down)."""
         if not batcher.ready:
-            return _error(503, not_ready_message(), {"Retry-After": str(_RETRY_AFTER_LOADING_S)})
+            return _error(503, not_ready_message(), {"Retry-After": str(RETRY_AFTER_STOPPING_S)})
         return {"status": "ready"}
 
     for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD: the same answer without its body

@@ -24,17 +24,31 @@ import threading
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-__all__ = ["IMAGE_FIELD", "UploadError", "UploadSlots", "Claim", "read_image"]
+__all__ = ["IMAGE_FIELD", "RETRY_AFTER_BUSY_S", "RETRY_AFTER_STOPPING_S", "UploadError", "busy", "stopping",
+           "UploadSlots", "Claim", "read_image"]
 
 IMAGE_FIELD = "image"  # the multipart form field that carries the image
+RETRY_AFTER_BUSY_S = 1  # a full queue (or every upload slot taken) drains within a few forwards
+RETRY_AFTER_STOPPING_S = 5  # loading takes seconds on a Pi; so does a restart
 
 
 class UploadError(Exception):
-    """An upload refused: the HTTP status, the message and extra headers of the answer."""
+    """A request refused (an upload here; the server raises it for every refusal): the HTTP
+    status, the message and extra headers of the answer."""
 
     def __init__(self, status, message, headers=None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+
+
+def busy(message):
+    """503: full for now (queue, upload slots)."""
+    return UploadError(503, message, {"Retry-After": str(RETRY_AFTER_BUSY_S)})
+
+
+def stopping(message):
+    """503: the model is loading or the server is stopping."""
+    return UploadError(503, message, {"Retry-After": str(RETRY_AFTER_STOPPING_S)})
 
 
 class UploadSlots:
@@ -173,7 +187,7 @@ async def read_image(request, *, limit, idle_s, total_s, stopped, claim):
                 raise UploadError(400, "the client disconnected during the upload")
             chunk = message.get("body", b"")
             if chunk and not claim.take():
-                raise UploadError(503, "every upload slot is taken (--uploads); retry shortly", {"Retry-After": "1"})
+                raise busy("every upload slot is taken (--uploads); retry shortly")
             total += len(chunk)
             if total > limit:
                 raise UploadError(413, f"upload is above the limit of {limit} bytes (--max-upload-mb)")
@@ -202,7 +216,7 @@ async def _receive(request, stopping, deadline, idle_s, total_s):
     finally:
         receiving.cancel()  # nothing if it is done
     if stopping.done():
-        raise UploadError(503, "the server is shutting down; retry when it is back", {"Retry-After": "5"})
+        raise stopping("the server is shutting down; retry when it is back")
     if receiving.done():
         return receiving.result()
     if loop.time() >= deadline:
