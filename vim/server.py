@@ -57,7 +57,7 @@ STATIC = pathlib.Path(__file__).resolve().parent / "static"
 class Settings:
     """What the app needs; serve_rpi.py fills it from its options.
 
-    classifier: what to load and how (its threads apply to the model's worker thread).
+    classifier: what to load and how (its threads are torch's for the whole process: tune_process).
     token: if set, /v1/* requires "Authorization: Bearer <token>".
     host: the address the server listens on; with allowed_hosts, the Host names it answers to
         (`vim_rpi.access.host_names`). allowed_origins: other sites' pages that may use the API.
