@@ -50,9 +50,9 @@ def read_checkpoint(path, *, trust_pickle=False):
             file), whatever `trust_pickle` says.
     """
     path = os.fspath(path)
-    problem = paths.file_problem(path)
+    problem = paths.named_file_problem(path, "checkpoint")
     if problem is not None:
-        raise CheckpointError(f"checkpoint not found: {path}" if paths.is_missing(path) else f"checkpoint {problem}")
+        raise CheckpointError(problem)
     mmap = zipfile.is_zipfile(path)  # torch's legacy (non-zip) format cannot be memory-mapped
     with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
         # torch warns that its safe loader may not read a pickle of protocol 4 or later: the

@@ -95,9 +95,9 @@ def fetch_checkpoint(spec, *, progress=True, refetch=False, cache_dir=None) -> P
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         return _cached_download(spec, cache, progress, refetch)
     path = Path(spec).expanduser()
-    problem = paths.file_problem(path)
+    problem = paths.named_file_problem(path, "checkpoint")
     if problem is not None:
-        raise DownloadError(f"checkpoint not found: {path}" if paths.is_missing(path) else f"checkpoint {problem}")
+        raise DownloadError(problem)
     return path
 
 

@@ -11,7 +11,7 @@ import errno
 import os
 import stat
 
-__all__ = ["stat_path", "not_regular", "file_problem", "is_missing", "cause"]
+__all__ = ["stat_path", "not_regular", "file_problem", "named_file_problem", "cause"]
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
@@ -44,7 +44,16 @@ def file_problem(path):
     return problem or not_regular(path, mode)
 
 
-def is_missing(path):
+def named_file_problem(path, what):
+    """`file_problem` for a file the user knows as `what` (e.g. "checkpoint"): None for a regular
+    file, "WHAT not found: PATH" when nothing is there, else "WHAT PATH: cause"."""
+    problem = file_problem(path)
+    if problem is None:
+        return None
+    return f"{what} not found: {os.fspath(path)}" if _is_missing(path) else f"{what} {problem}"
+
+
+def _is_missing(path):
     """Whether nothing at all, not even a dangling symbolic link, is at `path` (False when that
     cannot be told: a name too long, no permission)."""
     try:
