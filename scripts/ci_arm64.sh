@@ -38,7 +38,7 @@ readonly KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 readonly GUEST_PYTHON=usr/bin/python3.11
 
 # shellcheck source=scripts/arm64/pi_profiles.sh
-source "$HERE/pi_profiles.sh"  # PI_PROFILES, check_profiles, pi_cpu, pi_model, write_pi_identity, lock_cache
+source "$HERE/pi_profiles.sh"  # the Pi profiles (PI_PROFILES, pi_cpu...) and the cache helpers
 
 passed=0
 failed=0
@@ -87,14 +87,6 @@ cache_key() {
     { echo "$SCRIPT_VERSION"; cat "$@"; } | sha256sum | cut -c1-16
 }
 
-# Keep only the current entry of a cache family, so old builds do not pile up.
-prune_cache() {
-    local family=$1 keep=$2 entry
-    for entry in "$CACHE/$family"-*; do
-        if [[ -e $entry && $entry != "$CACHE/$keep" ]]; then rm -rf "$entry"; fi
-    done
-}
-
 # The host's own bookworm repositories (URI suite per line), with arm64 pinned; the official
 # mirror when the host does not use bookworm.
 arm64_sources() {
@@ -106,10 +98,6 @@ arm64_sources() {
     fi
     awk -v keyring="$KEYRING" \
         '{ printf "deb [arch=arm64 signed-by=%s] %s %s main\n", keyring, $1, $2 }' <<<"$lines"
-}
-
-package_list() {
-    sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$HERE/sysroot-packages.txt"
 }
 
 # Run the sysroot's python directly (no wrapper yet): used while building the cache.
@@ -136,7 +124,7 @@ build_sysroot() {
     log "fetching Debian bookworm arm64 packages"
     apt-get "${apt_opts[@]}" -qq update >&2
     local packages
-    mapfile -t packages < <(package_list)
+    mapfile -t packages < <(package_list "$HERE/sysroot-packages.txt")
     (cd "$work/debs" && apt-get "${apt_opts[@]}" -qq download "${packages[@]}" >&2)
     local deb
     for deb in "$work"/debs/*.deb; do
@@ -278,18 +266,18 @@ main() {
     mkdir "$RUN/python"
     ln -s "$REPO/vim" "$RUN/python/vim_rpi"
     arm64_sources >"$RUN/sources.list"
-    package_list >"$RUN/packages"
+    package_list "$HERE/sysroot-packages.txt" >"$RUN/packages"
 
     local sysroot_name site_name
     sysroot_name=sysroot-$(cache_key "$RUN/packages" "$RUN/sources.list")
     site_name=site-$(cache_key "$HERE/requirements-aarch64.txt")
     if [[ ! -d $CACHE/$sysroot_name ]]; then
         build_sysroot "$CACHE/$sysroot_name" "$RUN/sources.list"
-        prune_cache sysroot "$sysroot_name"
+        prune_cache "$CACHE" sysroot "$sysroot_name"
     fi
     if [[ ! -d $CACHE/$site_name ]]; then
         build_site "$CACHE/$site_name" "$CACHE/$sysroot_name"
-        prune_cache site "$site_name"
+        prune_cache "$CACHE" site "$site_name"
     fi
     log "sysroot $CACHE/$sysroot_name, wheels $CACHE/$site_name"
 

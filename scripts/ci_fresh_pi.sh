@@ -83,7 +83,7 @@ if [[ ${VIM_FRESH_PI_NAMESPACE:-} != 1 ]]; then
 fi
 
 # shellcheck source=scripts/arm64/pi_profiles.sh
-source "$REPO/scripts/arm64/pi_profiles.sh"  # PI_PROFILES, check_profiles, pi_cpu, pi_model, write_pi_identity, lock_cache
+source "$REPO/scripts/arm64/pi_profiles.sh"  # the Pi profiles (PI_PROFILES, pi_cpu...) and the cache helpers
 
 RUN=
 registered=0
@@ -141,17 +141,13 @@ register_binfmt() {
     registered=1
 }
 
-package_list() {
-    sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$HERE/packages.txt"
-}
-
 sources() {
     printf 'deb %s %s main\n' "$MIRROR" "$1" "$MIRROR" "$1-updates" "$SECURITY" "$1-security"
 }
 
 root_name() {
     local key
-    key=$({ echo "$SCRIPT_VERSION $1"; sources "$1"; package_list; printf '%s\n' "${MMDEBSTRAP_OPTS[@]}"; } \
+    key=$({ echo "$SCRIPT_VERSION $1"; sources "$1"; package_list "$HERE/packages.txt"; printf '%s\n' "${MMDEBSTRAP_OPTS[@]}"; } \
         | sha256sum | cut -c1-16)
     echo "root-$1-$key"
 }
@@ -162,7 +158,7 @@ build_root() {
     work=$(mktemp -d "$CACHE/.build-$suite.XXXXXX")
     mapfile -t lines < <(sources "$suite")
     log "$suite: building the root (mmdebstrap)"
-    if ! mmdebstrap "${MMDEBSTRAP_OPTS[@]}" --include="$(package_list | paste -sd, -)" \
+    if ! mmdebstrap "${MMDEBSTRAP_OPTS[@]}" --include="$(package_list "$HERE/packages.txt" | paste -sd, -)" \
         "$suite" "$work/root" "${lines[@]}" >"$work/log" 2>&1; then
         tail -n 30 "$work/log" >&2
         die "$suite: mmdebstrap failed (above)"
@@ -381,7 +377,7 @@ show_suite() {
 }
 
 main() {
-    local suite name started=$SECONDS
+    local suite started=$SECONDS
     local -A pids=()
     check_profiles "${PROFILES[@]}"
     if ((${#PROFILES[@]} == 0 || ${#SUITES[@]} == 0)); then die "no suites or no profiles to run"; fi
@@ -403,9 +399,7 @@ main() {
     done
     for suite in "${!pids[@]}"; do
         wait "${pids[$suite]}" || die "$suite: building the root failed"
-        for name in "$CACHE/root-$suite-"*; do
-            if [[ $name != "$CACHE/$(root_name "$suite")" ]]; then rm -rf "$name"; fi
-        done
+        prune_cache "$CACHE" "root-$suite" "$(root_name "$suite")"
     done
     pids=()
     for suite in "${SUITES[@]}"; do

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# What an emulated Raspberry Pi reports about itself, and how a run holds its cache, for
-# scripts/ci_arm64.sh and scripts/ci_fresh_pi.sh (sourced, bash). The qemu CPU model sets the instructions and the
+# What an emulated Raspberry Pi reports about itself, and how a run holds and prunes its cache
+# and reads its package lists, for scripts/ci_arm64.sh and scripts/ci_fresh_pi.sh (sourced, bash). The qemu CPU model sets the instructions and the
 # hardware capabilities; the files written by write_pi_identity give what programs read from
 # /proc and /sys (torch's cpuinfo, LLVM's host CPU name and features), which under qemu user
 # mode would otherwise be the x86 host's. qemu looks an absolute path up under QEMU_LD_PREFIX
@@ -63,4 +63,18 @@ lock_cache() {
         flock 9
     fi
     rm -rf "$1"/.build-*
+}
+
+# prune_cache DIR FAMILY KEEP: remove the entries DIR/FAMILY-* but DIR/KEEP, so old builds do not
+# pile up.
+prune_cache() {
+    local entry
+    for entry in "$1/$2"-*; do
+        if [[ -e $entry && $entry != "$1/$3" ]]; then rm -rf "$entry"; fi
+    done
+}
+
+# package_list FILE: the package names FILE lists (comments and blank lines dropped).
+package_list() {
+    sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$1"
 }
